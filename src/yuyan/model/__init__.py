@@ -1,0 +1,36 @@
+"""Model: the transformer, checkpoints, Hugging Face interop, LoRA; `load(spec)` opens any of them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from yuyan.errors import UserError
+from yuyan.model.checkpoint import LanguageModel, load_checkpoint, read_config
+from yuyan.model.transformer import KVCache, ModelConfig, Transformer, preset
+
+
+def load(spec: str | os.PathLike, device: torch.device | str | None = None) -> LanguageModel:
+    """Open a model: our checkpoint folder, a Hugging Face folder (gpt2/llama/qwen2/mistral) or `hf:NAME`."""
+    s = str(spec)
+    if s.startswith("hf:"):
+        from yuyan.model.hf import download
+
+        s = str(download(s[3:]))
+    p = Path(s)
+    if not p.exists():
+        from yuyan.model.checkpoint import resolve_dir
+
+        p = resolve_dir(p)  # recovers a checkpoint caught between renames, or says clearly it is missing
+    if p.is_file():
+        raise UserError(f"{p} is a file; pass the model folder that holds config.json")
+    if read_config(p).get("format") == "yuyan":
+        return load_checkpoint(p, device)
+    from yuyan.model.hf import load_hf
+
+    return load_hf(p, device)
+
+
+__all__ = ["load", "LanguageModel", "ModelConfig", "Transformer", "KVCache", "preset"]

@@ -1,0 +1,345 @@
+"""The yuyan transformer: GPT-2 and Llama families in one readable file.
+
+A decoder-only transformer whose differences between families are a handful of explicit switches in
+`ModelConfig` (norm, positions, MLP, tied embeddings, `n_kv_head`). Parameter names follow Hugging Face's
+Llama layout (`embed_tokens`, `layers.i.self_attn.q_proj`, `mlp.gate_proj`, `norm`, `lm_head`) so that
+import/export is a key table. The KV cache is a small object owned by the caller and passed into
+`forward`; the model writes the new keys/values into it but never advances it (the engine does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    block_size: int = 256  # longest sequence (positions) the model is trained for
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: = n_head (MHA); 1: MQA; in between: GQA
+    d_model: int = 128
+    d_ff: int | None = None  # None: 4*d_model (gelu_mlp) or the Llama 8/3 rule rounded to 64 (swiglu)
+    head_dim: int | None = None  # None: d_model // n_head
+    ffn: str = "gelu_mlp"  # gelu_mlp | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    pos: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3 style {"rope_type": "llama3", "factor": ..., ...}
+    bias: bool = True  # biases in linear layers and LayerNorm
+    qkv_bias: bool | None = None  # None: = bias (Qwen2 has qkv bias without other biases)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        if self.d_ff is None:
+            if self.ffn == "swiglu":
+                self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+            else:
+                self.d_ff = 4 * self.d_model
+        checks = [
+            (self.ffn in ("gelu_mlp", "swiglu"), f"ffn must be gelu_mlp or swiglu, got {self.ffn!r}"),
+            (self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}"),
+            (self.pos in ("learned", "rope"), f"pos must be learned or rope, got {self.pos!r}"),
+            (self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"),
+            (min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.d_model) > 0, "sizes must be positive"),
+            (self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid model config: {msg}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names - {"format", "version", "preset"}
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_LLAMA = dict(ffn="swiglu", norm="rmsnorm", pos="rope", bias=False, tie_embeddings=False, norm_eps=1e-5)
+PRESETS: dict[str, dict] = {
+    # sized for the 5-minute, 2-core CPU budget of `yuyan demo` (see BENCHMARKS.md for the sweep)
+    "demo": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, d_model=128),
+    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768),
+    "gpt2-medium": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024),
+    "llama-tiny": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, d_model=128, **_LLAMA),
+    # Llama-3.2-1B shape
+    "llama-1b": dict(vocab_size=128256, block_size=8192, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
+                     d_ff=8192, rope_theta=500000.0, **{**_LLAMA, "tie_embeddings": True}),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, with a per-row length.
+
+    k, v: (n_layer, batch, n_kv_head, max_len, head_dim). `lengths[b]` is how many positions of row b are
+    filled; a forward pass with T new tokens writes them at lengths[b] .. lengths[b]+T-1 and its queries see
+    exactly the slots < lengths[b]+t+1. The caller advances `lengths` after the forward pass.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or config.block_size
+        shape = (config.n_layer, batch, config.n_kv_head, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+    def advance(self, n: int | torch.Tensor) -> None:
+        self.lengths += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search reordering, or dropping finished rows)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.lengths = self.lengths.index_select(0, index)
+
+    def copy_row(self, dst: int, src: KVCache, src_row: int = 0) -> None:
+        n = int(src.lengths[src_row])
+        self.k[:, dst, :, :n] = src.k[:, src_row, :, :n]
+        self.v[:, dst, :, :n] = src.v[:, src_row, :, :n]
+        self.lengths[dst] = n
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Write k, v (B, Hkv, T, D) at positions pos (B, T); return the filled prefix of this layer."""
+        B, H, T, D = k.shape
+        idx = pos[:, None, :, None].expand(B, H, T, D)
+        self.k[layer, :B].scatter_(2, idx, k.to(self.k.dtype))
+        self.v[layer, :B].scatter_(2, idx, v.to(self.v.dtype))
+        S = int(pos.max()) + 1
+        return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S]
+
+
+def _rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = config.rope_scaling
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        # Llama 3.1 frequency rescaling (same rule as HF's _compute_llama3_parameters)
+        factor, low, high = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_len = rs.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling {rs}; supported: default, llama3")
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Norm(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind, self.eps = config.norm, config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.d_model))
+        has_bias = config.norm == "layernorm" and config.bias
+        self.bias = nn.Parameter(torch.zeros(config.d_model)) if has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        # RMSNorm in float32 like HF Llama, then back to the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, config.n_head, config.n_kv_head, config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
+        self.o_proj.residual = True
+
+    def forward(self, x, pos, rope, cache: KVCache | None, attn_weights: list | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope  # (B, 1, T, D)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, pos)  # (B, Hkv, S, D)
+            # query at position p sees slots 0..p of its own row: (B, 1, T, S)
+            mask = torch.arange(k.shape[2], device=x.device)[None, None, None, :] <= pos[:, None, :, None]
+        else:
+            mask = None
+        rep = self.n_head // self.n_kv_head
+        if attn_weights is not None:  # explicit path, returns the weights for inspection
+            kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            scores = (q @ kr.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~mask, float("-inf"))
+            att = scores.softmax(-1)
+            attn_weights.append(att.detach())
+            y = F.dropout(att, self.dropout, self.training) @ vr
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=rep > 1,
+            )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.ffn == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.down_proj.residual = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = Norm(config)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = Norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, pos, rope, cache, attn_weights):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), pos, rope, cache, attn_weights))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.pos == "learned":
+            self.embed_positions = nn.Embedding(config.block_size, config.d_model)
+        else:
+            self.register_buffer("inv_freq", _rope_inv_freq(config), persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = Norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
+               attn_weights: list | None = None, hidden_states: list | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, d_model).
+
+        idx: (B, T) token ids. pos: (B, T) positions; default cache.lengths[b] + t, or 0..T-1 without a cache.
+        attn_weights / hidden_states: lists the caller passes to collect per-layer attention (B, H, T, S)
+        and the residual stream entering each layer plus the final normed output.
+        """
+        B, T = idx.shape
+        if pos is None:
+            start = cache.lengths[:, None] if cache is not None else 0
+            pos = start + torch.arange(T, device=idx.device)[None, :].expand(B, T)
+        if int(pos.max()) >= self.config.block_size and self.config.pos == "learned":
+            raise ValueError(f"position {int(pos.max())} is beyond the context of {self.config.block_size} tokens")
+        x = self.embed_tokens(idx)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.embed_positions(pos)
+        else:
+            freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D): HF rotate-half layout
+            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        x = self.drop(x)
+        for block in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
+            x = block(x, pos, rope, cache, attn_weights)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
+                attn_weights: list | None = None, hidden_states: list | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden(idx, pos, cache, attn_weights, hidden_states))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once by parameters()
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if self.config.pos == "learned":
+                n -= self.embed_positions.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = False) -> float:
+        """Matmul FLOPs per token: 2N forward (+ attention scores), x3 with backward (PaLM appendix B)."""
+        c = self.config
+        T = seq_len or c.block_size
+        n = self.num_params(exclude_embeddings=True)
+        if self.lm_head_weight_tied():
+            n += c.vocab_size * c.d_model  # the lm_head matmul runs even when its weight is the embedding
+        fwd = 2 * n + 2 * c.n_layer * c.n_head * c.head_dim * T  # QK^T and AV over ~T/2 keys, x2
+        return float(3 * fwd if training else fwd)
+
+    def lm_head_weight_tied(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "KVCache", "Transformer"]

@@ -1,0 +1,192 @@
+"""Byte-level BPE tokenizer: training, loading, exact round trip, streaming decode and the chat template.
+
+A thin wrapper over the `tokenizers` library (Rust speed; its tokenizer.json is the ecosystem's format).
+Byte-level pre-tokenisation with the full 256-byte initial alphabet means every Unicode string — Chinese,
+emoji, code with tabs, "\\r\\n", NUL — encodes and decodes back exactly. Hugging Face tokenizer.json files
+(GPT-2 or Llama style) load as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from yuyan.errors import UserError
+
+EOT = "<|endoftext|>"
+# chat role markers: <|system|>content<|end|><|user|>content<|end|><|assistant|>content<|end|>
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOT, *CHAT_TOKENS, PAD]
+
+
+class Tokenizer:
+    """yuyan's tokenizer: `encode`, `decode`, `encode_batch`, `stream()`, `apply_chat_template`."""
+
+    def __init__(self, tok: HFTokenizer):
+        self.tok = tok
+        vocab = tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eot_id = vocab.get(EOT, vocab.get("</s>", vocab.get("<|end_of_text|>")))
+        self.bos_id = vocab.get("<s>", vocab.get("<|begin_of_text|>"))
+        self.pad_id = vocab.get(PAD, self.eot_id)
+        self.chat_ids = {t: vocab[t] for t in CHAT_TOKENS if t in vocab}
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
+              special_tokens: list[str] | None = None, show_progress: bool = False) -> Tokenizer:
+        special = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        if vocab_size < 256 + len(special) + 1:
+            raise UserError(
+                f"vocab size {vocab_size} is too small: the 256 byte tokens and {len(special)} special tokens "
+                f"need at least {256 + len(special) + 1}; pass --vocab-size {max(512, 256 + len(special) + 1)} or more"
+            )
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load tokenizer.json from a file or a folder (ours or a Hugging Face model folder)."""
+        p = Path(path)
+        f = p / "tokenizer.json" if p.is_dir() else p
+        if not f.exists():
+            raise UserError(f"no tokenizer.json in {p}: train one with `yuyan tokenizer train` or point at a model folder")
+        try:
+            return cls(HFTokenizer.from_file(str(f)))
+        except Exception as e:  # the Rust loader raises a bare Exception on bad JSON
+            raise UserError(f"{f} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]}); re-create it") from None
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / "tokenizer.json"
+        tmp = folder / ".tokenizer.json.tmp"
+        tmp.write_text(self.tok.to_str(pretty=False), encoding="utf-8")
+        os.replace(tmp, out)
+        return out
+
+    def to_str(self) -> str:
+        return self.tok.to_str(pretty=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
+
+    # ---------------------------------------------------------------- encode / decode
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def id_to_piece(self, i: int) -> str:
+        """Readable text of one token (for plot labels): its bytes decoded with replacement."""
+        return self.decode([i])
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    # ---------------------------------------------------------------- chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False
+                            ) -> tuple[list[int], list[int]]:
+        """messages -> (ids, assistant_mask): mask is 1 on the tokens the model must learn to produce
+        (assistant content and its end marker), 0 elsewhere.
+
+        With our role tokens: <|user|>content<|end|><|assistant|>content<|end|>. A tokenizer without them
+        (e.g. GPT-2's) gets plain-text markers "User: ...\\n" and ends assistant turns with its EOT token.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        plain = len(self.chat_ids) < len(CHAT_TOKENS)
+        for m in messages:
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise UserError(f"bad chat message {str(m)[:80]!r}: need role system|user|assistant and string content")
+            head, body, tail = self._chat_parts(role, content, plain)
+            ids += head
+            mask += [0] * len(head)
+            learn = 1 if role == "assistant" else 0
+            ids += body + tail
+            mask += [learn] * (len(body) + len(tail))
+        if add_generation_prompt:
+            head, _, _ = self._chat_parts("assistant", "", plain)
+            ids += head
+            mask += [0] * len(head)
+        return ids, mask
+
+    def _chat_parts(self, role: str, content: str, plain: bool) -> tuple[list[int], list[int], list[int]]:
+        if plain:
+            head = self.encode(f"{role.capitalize()}: ")
+            tail = self.encode("\n") + ([self.eot_id] if role == "assistant" and self.eot_id is not None else [])
+        else:
+            head = [self.chat_ids[f"<|{role}|>"]]
+            tail = [self.chat_ids["<|end|>"]]
+        return head, self.encode(content), tail
+
+    @property
+    def chat_stop_ids(self) -> list[int]:
+        """Token ids that end an assistant turn."""
+        ids = [self.chat_ids["<|end|>"]] if "<|end|>" in self.chat_ids else []
+        return ids + ([self.eot_id] if self.eot_id is not None else [])
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def info(self) -> dict:
+        return {"vocab_size": self.vocab_size, "eot_id": self.eot_id, "pad_id": self.pad_id,
+                "chat_tokens": self.chat_ids, "fingerprint": self.fingerprint,
+                "model": json.loads(self.to_str())["model"]["type"]}
+
+
+class StreamDecoder:
+    """Incremental decoding that never emits a broken character.
+
+    Tokens accumulate until their bytes decode without a trailing replacement character (a UTF-8 sequence
+    split across tokens); then the new text is emitted. `flush()` returns whatever remains.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 8:  # wait for the rest of the character
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+    def __call__(self, ids: Iterable[int]) -> Iterator[str]:
+        for i in ids:
+            piece = self.push(i)
+            if piece:
+                yield piece
+        tail = self.flush()
+        if tail:
+            yield tail
