@@ -1,0 +1,3 @@
+from yuyan.cli import main
+
+main()
