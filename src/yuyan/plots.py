@@ -24,3 +24,21 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def plot_loss_curve(train_steps, train_loss, val_steps, val_loss, path: str | os.PathLike,
+                    title: str = "loss") -> Path:
+    """Training and validation loss (nats/token) against optimizer step, log-scaled loss axis."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if len(train_steps):
+        ax.plot(list(train_steps), list(train_loss), label="train", linewidth=1.2, alpha=0.85)
+    if len(val_steps):
+        ax.plot(list(val_steps), list(val_loss), "o-", label="val", linewidth=1.5, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    if len(train_loss) or len(val_loss):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend()
+    return save_figure(fig, path)

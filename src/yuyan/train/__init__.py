@@ -1,0 +1,44 @@
+"""Training: one loop (`fit`) for pre-training and fine-tuning, its config, optimizer and distributed helpers.
+
+`fit(model, tokenizer, task, cfg, out_dir)` trains any `Task` (`LMTask` for next-token prediction over
+token shards; fine-tuning tasks implement the same methods). `train(config)` is the pre-training recipe:
+tokenizer → shards → model from a preset → fit.
+"""
+
+from yuyan.train.loop import (
+    CheckpointSection,
+    DataSection,
+    EvalSection,
+    LMTask,
+    ModelSection,
+    Task,
+    TrainConfig,
+    TrainSection,
+    fit,
+    latest_checkpoint,
+    list_checkpoints,
+)
+
+__all__ = [
+    "fit",
+    "Task",
+    "LMTask",
+    "TrainConfig",
+    "ModelSection",
+    "DataSection",
+    "TrainSection",
+    "EvalSection",
+    "CheckpointSection",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "train",
+    "load_train_config",
+]
+
+
+def __getattr__(name):
+    if name in ("train", "load_train_config"):
+        from yuyan.train import pretrain
+
+        return getattr(pretrain, name)
+    raise AttributeError(name)
