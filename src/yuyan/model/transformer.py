@@ -284,20 +284,24 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
-               attn_weights: list | None = None, hidden_states: list | None = None) -> torch.Tensor:
+               attn_weights: list | None = None, hidden_states: list | None = None,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, d_model).
 
         idx: (B, T) token ids. pos: (B, T) positions; default cache.lengths[b] + t, or 0..T-1 without a cache.
         attn_weights / hidden_states: lists the caller passes to collect per-layer attention (B, H, T, S)
         and the residual stream entering each layer plus the final normed output.
+        inputs_embeds: (B, T, d_model) token embeddings used instead of embed_tokens(idx) (idx may then be
+        None); for attributions that differentiate with respect to the input embeddings.
         """
-        B, T = idx.shape
+        B, T = idx.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        device = idx.device if inputs_embeds is None else inputs_embeds.device
         if pos is None:
             start = cache.lengths[:, None] if cache is not None else 0
-            pos = start + torch.arange(T, device=idx.device)[None, :].expand(B, T)
+            pos = start + torch.arange(T, device=device)[None, :].expand(B, T)
         if int(pos.max()) >= self.config.block_size and self.config.pos == "learned":
             raise ValueError(f"position {int(pos.max())} is beyond the context of {self.config.block_size} tokens")
-        x = self.embed_tokens(idx)
+        x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
         rope = None
         if self.config.pos == "learned":
             x = x + self.embed_positions(pos)
