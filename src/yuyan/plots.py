@@ -42,3 +42,25 @@ def plot_loss_curve(train_steps, train_loss, val_steps, val_loss, path: str | os
     ax.grid(True, alpha=0.3, which="both")
     ax.legend()
     return save_figure(fig, path)
+
+
+def plot_confusion_matrix(matrix, labels: list[str], path: str | os.PathLike, title: str = "confusion matrix") -> Path:
+    """Counts of (true label, predicted label) as a heatmap with the count written in each cell."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    n = len(labels)
+    size = max(3.5, 0.6 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(n), [str(lab) for lab in labels], rotation=45, ha="right")
+    ax.set_yticks(range(n), [str(lab) for lab in labels])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = m.max() if m.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", color="white" if m[i, j] > top / 2 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title)
+    return save_figure(fig, path)
