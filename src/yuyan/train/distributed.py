@@ -67,7 +67,7 @@ def init(strategy: str = "auto", device: str = "auto") -> DistInfo:
         # FSDP needs a process group even for one process: make a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", YUYAN_SOLO_GROUP="1")
         launched = True
     if launched and strategy != "none" and not dist.is_initialized():
         if dev.type == "cuda":
@@ -118,7 +118,7 @@ def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    inner = model.module if info.strategy == "ddp" else model
+    inner = _inner(model)
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
 
 
@@ -129,7 +129,7 @@ def full_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: D
     if info.strategy == "fsdp":
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(model, optimizer, options=opts)
-    return _named_optim_state(model.module if info.strategy == "ddp" else model, optimizer)
+    return _named_optim_state(_inner(model), optimizer)
 
 
 def load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
@@ -139,7 +139,7 @@ def load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: 
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         set_optimizer_state_dict(model, optimizer, state, options=opts)
         return
-    inner = model.module if info.strategy == "ddp" else model
+    inner = _inner(model)
     sd = optimizer.state_dict()
     idx = {n: i for i, n in enumerate(_param_order(inner, optimizer))}
     missing = sorted(set(idx) - set(state["state"]))
@@ -151,6 +151,13 @@ def load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: 
     for g_new, g_old in zip(sd["param_groups"], state["param_groups"], strict=False):
         g_new.update({k: v for k, v in g_old.items() if k != "params"})
     optimizer.load_state_dict(sd)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (FSDP2 shards in place, so there is nothing to unwrap)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return model.module if isinstance(model, DDP) else model
 
 
 def _param_order(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -198,3 +205,6 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.active:
         dist.destroy_process_group()
+    if os.environ.pop("YUYAN_SOLO_GROUP", None):  # undo the world of one made for FSDP in init()
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+            os.environ.pop(k, None)

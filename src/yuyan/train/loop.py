@@ -580,21 +580,34 @@ def fit(
 
     start_step = step
     measure_at = start_step + 3  # steps before this one warm caches (and compile)
-    refit_at, refit_mark = (measure_at if budget > 0 else None), None
+    refit_at = measure_at if budget > 0 else None
+    marks: list[tuple[int, float]] = []  # (step, elapsed) at each refit
 
     def refit() -> None:
-        nonlocal total_steps, refit_at, refit_mark
+        """total_steps = steps done + time left / recent seconds per step (evals and saves included).
+
+        The rate comes from the last quarter of the run so far (at least 2 s), so it follows a machine whose
+        speed drifts; refits come more often near the end, where an error matters most.
+        """
+        nonlocal total_steps, refit_at
         now = (step, elapsed())
-        if refit_mark is not None and now[0] > refit_mark[0]:
-            rate = (now[1] - refit_mark[1]) / (now[0] - refit_mark[0])  # seconds per step, evals included
+        recent = (
+            [m for m in marks if m[0] < now[0] and m[1] >= now[1] - max(2.0, 0.25 * (now[1] - marks[0][1]))]
+            if marks
+            else []
+        )
+        base = recent[0] if recent else (marks[-1] if marks and marks[-1][0] < now[0] else None)
+        marks.append(now)
+        if base is None:
+            refit_at = step + 5  # first window: measure 5 steps
+        else:
+            rate = (now[1] - base[1]) / (now[0] - base[0])  # seconds per step
             fitted = step + max(int((budget - now[1]) / rate), 1)
             if tc.max_steps > 0:
                 fitted = min(fitted, tc.max_steps)
             total_steps = max(fitted, step + 1)
-            refit_at = step + max(5, (total_steps - start_step) // 20)
-        else:
-            refit_at = step + 5  # first window: measure 5 steps
-        refit_mark = now
+            left = total_steps - step
+            refit_at = step + max(1, min((total_steps - start_step) // 20, left // 4))
         total_steps, refit_at = D.broadcast_object((total_steps, refit_at), info)
 
     # ---- the loop
