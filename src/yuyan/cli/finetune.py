@@ -1,0 +1,126 @@
+"""`yuyan finetune`: full or LoRA fine-tuning of a checkpoint or Hugging Face folder for lm, sft or classify.
+
+A thin adapter over `yuyan.train.finetune.finetune`; training settings come from the TrainConfig
+dataclass (an optional --config TOML plus `--section.key value` overrides, e.g. `--train.lr 1e-4`), with
+the most common ones (--max-steps, --max-time, --lr, --batch-size) as direct options.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from yuyan.cli import app
+from yuyan.errors import UserError
+
+EXAMPLE = """
+Example:
+
+  yuyan finetune --model runs/demo/final --task sft --data chats.jsonl --lora-rank 8 --save-adapter --out runs/sft
+
+  yuyan finetune --model runs/demo/final --task classify --data reviews.csv --text-field review --label-field stars --out runs/cls
+"""
+
+
+@app.command(
+    "finetune",
+    help="Fine-tune a model (ours or a Hugging Face folder) on lm, sft or classify data, fully or with LoRA.\n"
+    + EXAMPLE,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def finetune_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", "-m", help="checkpoint folder, Hugging Face folder or hf:NAME"),
+    task: str = typer.Option("sft", "--task", help="lm | sft | classify"),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="sft: JSONL (messages or prompt/completion); classify: CSV/JSONL; "
+        "lm: a text file, folder, glob, JSONL or stdlib",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (checkpoints, final/, best/, adapter/)"),
+    val_data: str = typer.Option(
+        "", "--val-data", help="validation file (default: a deterministic 10% of --data)"
+    ),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="LoRA rank; 0 = full fine-tuning"),
+    lora_alpha: float = typer.Option(
+        16.0, "--lora-alpha", help="LoRA scaling numerator (scale = alpha / rank)"
+    ),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
+    lora_targets: str = typer.Option(
+        "q_proj,v_proj",
+        "--lora-targets",
+        help="comma-separated module-name suffixes, e.g. q_proj,k_proj,v_proj,o_proj",
+    ),
+    save_adapter: bool = typer.Option(
+        False,
+        "--save-adapter",
+        help="also write the LoRA adapter alone to OUT/adapter (final/ is always merged)",
+    ),
+    text_field: str = typer.Option("text", "--text-field", help="classify: the text column"),
+    label_field: str = typer.Option("label", "--label-field", help="classify: the label column"),
+    pooling: str = typer.Option("last", "--pooling", help="classify: last (last real token) | mean"),
+    template: str = typer.Option(
+        "chat", "--template", help="sft prompt/completion: chat (role tokens) | plain"
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="TrainConfig TOML (train/eval/checkpoint sections)"
+    ),
+    max_steps: int | None = typer.Option(None, "--max-steps"),
+    max_time: float | None = typer.Option(None, "--max-time", help="seconds of training"),
+    lr: float | None = typer.Option(None, "--lr"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUT"),
+) -> None:
+    from yuyan.config import apply_overrides, from_dict, load_toml, parse_overrides
+    from yuyan.model.lora import LoRAConfig
+    from yuyan.train.finetune import TASKS, FinetuneOptions, default_train_config, finetune
+    from yuyan.train.loop import TrainConfig
+
+    if task not in TASKS:
+        raise UserError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
+    overrides = parse_overrides(list(ctx.args))
+    for key, val in (
+        ("train.max_steps", max_steps),
+        ("train.max_time", max_time),
+        ("train.lr", lr),
+        ("train.batch_size", batch_size),
+    ):
+        if val is not None:
+            overrides[key] = str(val)
+    cfg = from_dict(TrainConfig, load_toml(config), str(config)) if config else default_train_config()
+    cfg = apply_overrides(cfg, overrides)
+    lora = None
+    if lora_rank > 0:
+        lora = LoRAConfig(
+            lora_rank, lora_alpha, lora_dropout, [t.strip() for t in lora_targets.split(",") if t.strip()]
+        )
+    opts = FinetuneOptions(
+        task=task,
+        data=data,
+        val_data=val_data,
+        lora=lora,
+        save_adapter=save_adapter,
+        text_field=text_field,
+        label_field=label_field,
+        pooling=pooling,
+        template=template,
+    )
+    res = finetune(model, out, opts, cfg, resume=resume)
+    summary = {
+        k: res.get(k)
+        for k in (
+            "step",
+            "final",
+            "final_dir",
+            "adapter_dir",
+            "confusion_png",
+            "data",
+            "trainable_params",
+            "total_params",
+            "interrupted",
+        )
+    }
+    typer.echo(json.dumps(summary, ensure_ascii=False, default=str))

@@ -1,0 +1,488 @@
+"""Fine-tuning data and tasks: SFT (chat or prompt/completion), classification, the embedded docstring task.
+
+Each task implements the training loop's `Task` protocol (`batch`, `loss`, `evaluate`, `state_dict`,
+`load_state_dict`; yuyan.train.loop), so fine-tuning reuses the one loop with its resume, evaluation and
+checkpoints. Readers validate the data and COUNT every problem in a `DataReport` (empty lines, bad JSON,
+over-long examples that were truncated, a messages list with no assistant turn, val labels unseen in
+training); a missing column or a file with no usable example is a `UserError` naming the fix.
+
+- SFT: JSONL of {"messages": [...]} (rendered by `Tokenizer.apply_chat_template`) or {"prompt",
+  "completion"} (rendered as a user turn and an assistant turn, or as plain concatenation with
+  `template="plain"`). Loss only on the assistant/completion tokens: labels are -100 elsewhere, batches are
+  right-padded with pad tokens whose labels are -100 (no cross-example attention, unlike naive packing).
+- Classification: CSV or JSONL with text and label columns (names configurable).
+- Docstring: from the stdlib corpus (split like the corpus), pairs (function source without its docstring
+  -> first line of its docstring) extracted with `ast`, in a deterministic order.
+Without a separate validation file, a deterministic 10% of the examples (lowest sha256 of their content)
+is held out.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+import math
+import os
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from yuyan.errors import UserError
+from yuyan.model.heads import classification_metrics, encode_for_classify, pad_batch
+
+IGNORE = -100
+DOCSTRING_PROMPT = "\n# Summary:"  # the docstring task's prompt ends with this; the completion follows
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class DataReport:
+    """Counts of data problems met while reading, with a few example locations for each."""
+
+    source: str
+    examples: int = 0
+    counts: Counter = field(default_factory=Counter)
+    where: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, problem: str, location: str) -> None:
+        self.counts[problem] += 1
+        self.where.setdefault(problem, [])
+        if len(self.where[problem]) < 3:
+            self.where[problem].append(location)
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.examples} examples"]
+        for k, n in sorted(self.counts.items()):
+            parts.append(f"{n} {k.replace('_', ' ')} (e.g. {', '.join(self.where.get(k, []))})")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "examples": self.examples,
+            **{k: int(v) for k, v in self.counts.items()},
+        }
+
+
+def read_records(path: str | os.PathLike, report: DataReport) -> list[tuple[str, dict]]:
+    """(location, record) pairs from a JSONL or CSV file; empty lines and bad JSON are counted and skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file {p} not found; pass a .jsonl or .csv file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{p} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
+    out: list[tuple[str, dict]] = []
+    if p.suffix.lower() in (".csv", ".tsv"):
+        rows = csv.DictReader(text.splitlines(), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+        for i, row in enumerate(rows, start=2):  # line 1 is the header
+            if not any((v or "").strip() for v in row.values()):
+                report.add("empty_lines", f"{p.name}:{i}")
+                continue
+            out.append((f"{p.name}:{i}", row))
+        if rows.fieldnames is None:
+            raise UserError(f"{p} is empty; it needs a header row naming the columns")
+        return out
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            report.add("empty_lines", f"{p.name}:{i}")
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            report.add("bad_json_lines", f"{p.name}:{i}")
+            continue
+        if not isinstance(rec, dict):
+            report.add("bad_json_lines", f"{p.name}:{i}")
+            continue
+        out.append((f"{p.name}:{i}", rec))
+    return out
+
+
+def _hash(s: str) -> int:
+    return int.from_bytes(hashlib.sha256(s.encode("utf-8")).digest()[:8], "big")
+
+
+def split_holdout(items: list, keys: list[str], val_frac: float = 0.1) -> tuple[list, list]:
+    """Deterministic held-out split: the ceil(val_frac * n) items with the smallest content hash."""
+    if len(items) < 2:
+        return items, []
+    n_val = max(1, math.ceil(val_frac * len(items)))
+    order = sorted(range(len(items)), key=lambda i: (_hash(keys[i]), i))
+    val = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+
+
+def render_sft(tokenizer, rec: dict, template: str = "chat") -> tuple[list[int], list[int]]:
+    """One record -> (ids, mask) with mask 1 on the tokens to learn. Raises ValueError(problem) on bad data."""
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("bad_messages")
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+            raise ValueError("no_assistant_turn")
+        try:
+            return tokenizer.apply_chat_template(msgs)
+        except UserError:
+            raise ValueError("bad_messages") from None
+    if "prompt" in rec and "completion" in rec:
+        prompt, completion = rec["prompt"], rec["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+            raise ValueError("empty_completion")
+        if template == "plain":
+            head = tokenizer.encode(prompt)
+            body = tokenizer.encode(completion) + ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+            return head + body, [0] * len(head) + [1] * len(body)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        )
+    raise ValueError("missing_fields")
+
+
+def sft_examples(
+    records: list[tuple[str, dict]], tokenizer, max_len: int, report: DataReport, template: str = "chat"
+) -> list[tuple[list[int], list[int]]]:
+    """Render and truncate to max_len tokens (the model sees max_len - 1 inputs); count problems."""
+    out = []
+    for loc, rec in records:
+        try:
+            ids, mask = render_sft(tokenizer, rec, template)
+        except ValueError as e:
+            report.add(str(e), loc)
+            continue
+        if len(ids) > max_len:
+            report.add("truncated", loc)
+            ids, mask = ids[:max_len], mask[:max_len]
+        if sum(mask[1:]) == 0:  # nothing left to learn (the assistant part was cut off)
+            report.add("no_target_tokens_after_truncation", loc)
+            continue
+        out.append((ids, mask))
+    report.examples += len(out)
+    return out
+
+
+def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids = ids[:-1], labels = ids[1:] where the mask is 1, else -100; right-padded.
+
+    Row b: input_ids (B, T), labels (B, T); labels[b, t] is the token after input_ids[b, t] when that token
+    is an assistant/completion token, else -100 (so pads and prompts carry no loss).
+    """
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for b, (ids, mask) in enumerate(examples):
+        t = torch.tensor(ids, dtype=torch.long)
+        m = torch.tensor(mask[1:], dtype=torch.bool)
+        n = len(ids) - 1
+        x[b, :n] = t[:-1]
+        y[b, :n] = torch.where(m, t[1:], torch.full_like(t[1:], IGNORE))
+    return {"input_ids": x, "labels": y}
+
+
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    logits = model(batch["input_ids"])  # (B, T, V)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction=reduction
+    )
+
+
+class SFTTask:
+    """Supervised fine-tuning: next-token loss on assistant/completion tokens only."""
+
+    def __init__(
+        self,
+        train: list,
+        val: list,
+        pad_id: int,
+        report: DataReport | None = None,
+        eval_batch_size: int = 16,
+        eval_batches: int = 8,
+    ):
+        if not train:
+            raise UserError(
+                "no usable training examples"
+                + (f" ({report.summary()})" if report else "")
+                + '; see the SFT format: {"messages": [...]} or {"prompt", "completion"}'
+            )
+        self.train, self.val, self.pad_id, self.report = train, val or train[:1], pad_id, report
+        self.eval_batch_size, self.eval_batches = eval_batch_size, eval_batches
+
+    @classmethod
+    def from_files(
+        cls,
+        path: str | os.PathLike,
+        tokenizer,
+        block_size: int,
+        val_path: str | None = None,
+        template: str = "chat",
+        val_frac: float = 0.1,
+    ) -> SFTTask:
+        report = DataReport(str(path))
+        recs = read_records(path, report)
+        if val_path:
+            val_recs = read_records(val_path, report)
+        else:
+            recs, val_recs = split_holdout(recs, [json.dumps(r, sort_keys=True) for _, r in recs], val_frac)
+        train = sft_examples(recs, tokenizer, block_size + 1, report, template)
+        val = sft_examples(val_recs, tokenizer, block_size + 1, report, template)
+        return cls(train, val, tokenizer.pad_id or 0, report)
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        data = self.train if split == "train" else self.val
+        idx = torch.randint(len(data), (batch_size,), generator=generator).tolist()
+        return collate_sft([data[i] for i in idx], self.pad_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return masked_lm_loss(model, batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        data = self.val if full else self.val[: self.eval_batch_size * self.eval_batches]
+        nats, count = 0.0, 0
+        for i in range(0, len(data), self.eval_batch_size):
+            b = {
+                k: v.to(dev) for k, v in collate_sft(data[i : i + self.eval_batch_size], self.pad_id).items()
+            }
+            nats += float(masked_lm_loss(model, b, reduction="sum"))
+            count += int((b["labels"] != IGNORE).sum())
+        model.train(was)
+        loss = nats / max(count, 1)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(count)}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- classification
+
+
+def read_classification(
+    path: str | os.PathLike, text_field: str, label_field: str, report: DataReport
+) -> list[tuple[str, str, str]]:
+    """(location, text, label) triples; a missing column is an error, empty text/label is counted."""
+    recs = read_records(path, report)
+    if recs:
+        missing = [f for f in (text_field, label_field) if f not in recs[0][1]]
+        if missing:
+            raise UserError(
+                f"{path} has no column {missing[0]!r} (columns: {sorted(recs[0][1])}); "
+                f"pass --text-field / --label-field to name the text and label columns"
+            )
+    out = []
+    for loc, r in recs:
+        if text_field not in r or label_field not in r:
+            report.add("missing_fields", loc)
+            continue
+        text, label = r[text_field], r[label_field]
+        if text is None or not str(text).strip() or label is None or str(label).strip() == "":
+            report.add("empty_text_or_label", loc)
+            continue
+        out.append((loc, str(text), str(label).strip()))
+    return out
+
+
+class ClassifyTask:
+    """Sequence classification with a `Classifier` (yuyan.model.heads): cross-entropy on the labels;
+    accuracy, macro-F1 and the confusion matrix on the val split."""
+
+    def __init__(
+        self,
+        tokenizer,
+        train: list[tuple[str, str]],
+        val: list[tuple[str, str]],
+        labels: list[str],
+        block_size: int,
+        report: DataReport | None = None,
+        eval_batch_size: int = 32,
+    ):
+        if not train:
+            raise UserError("no usable training examples" + (f" ({report.summary()})" if report else ""))
+        self.labels, self.report, self.eval_batch_size = (
+            labels,
+            report or DataReport("memory"),
+            eval_batch_size,
+        )
+        index = {lab: i for i, lab in enumerate(labels)}
+        unseen = [(t, lab) for t, lab in val if lab not in index]
+        for _, lab in unseen:
+            self.report.add("val_labels_unseen_in_train", lab)
+        val = [(t, lab) for t, lab in val if lab in index]
+        self.pad_id = tokenizer.pad_id or 0
+        ids, cut = encode_for_classify(tokenizer, [t for t, _ in train], block_size)
+        vids, vcut = encode_for_classify(tokenizer, [t for t, _ in val], block_size) if val else ([], 0)
+        for _ in range(cut + vcut):
+            self.report.add("truncated", f"longer than {block_size} tokens")
+        self.train = list(zip(ids, [index[lab] for _, lab in train], strict=True))
+        self.val = list(zip(vids, [index[lab] for _, lab in val], strict=True)) or self.train[:1]
+        self.report.examples = len(self.train) + len(val)
+        self.last_confusion: list[list[int]] | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        path: str | os.PathLike,
+        tokenizer,
+        block_size: int,
+        val_path: str | None = None,
+        text_field: str = "text",
+        label_field: str = "label",
+        val_frac: float = 0.1,
+    ) -> ClassifyTask:
+        report = DataReport(str(path))
+        rows = read_classification(path, text_field, label_field, report)
+        if val_path:
+            val_rows = read_classification(val_path, text_field, label_field, report)
+        else:
+            rows, val_rows = split_holdout(rows, [f"{t}\t{lab}" for _, t, lab in rows], val_frac)
+        labels = sorted({lab for _, _, lab in rows})
+        if len(labels) < 2:
+            raise UserError(
+                f"{path} has {len(labels)} distinct label(s) {labels} in its training part; "
+                "classification needs at least 2"
+            )
+        return cls(
+            tokenizer,
+            [(t, lab) for _, t, lab in rows],
+            [(t, lab) for _, t, lab in val_rows],
+            labels,
+            block_size,
+            report,
+        )
+
+    def _collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        x, n = pad_batch([ids for ids, _ in items], self.pad_id)
+        return {"input_ids": x, "lengths": n, "labels": torch.tensor([y for _, y in items], dtype=torch.long)}
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        data = self.train if split == "train" else self.val
+        idx = torch.randint(len(data), (batch_size,), generator=generator).tolist()
+        return self._collate([data[i] for i in idx])
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(model(batch["input_ids"], batch["lengths"]).float(), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        nll, preds, truth = 0.0, [], []
+        for i in range(0, len(self.val), self.eval_batch_size):
+            b = {k: v.to(dev) for k, v in self._collate(self.val[i : i + self.eval_batch_size]).items()}
+            logits = model(b["input_ids"], b["lengths"]).float()
+            nll += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
+            preds += logits.argmax(-1).tolist()
+            truth += b["labels"].tolist()
+        model.train(was)
+        m = classification_metrics(truth, preds, len(self.labels))
+        self.last_confusion = m.pop("confusion")
+        return {"loss": nll / max(len(truth), 1), **m, "examples": float(len(truth))}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- docstrings
+
+
+def _docstring_pairs_from_source(src: str, max_code_chars: int) -> list[dict]:
+    try:
+        tree = ast.parse(src)
+    except (SyntaxError, ValueError):
+        return []
+    lines = src.splitlines(keepends=True)
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        doc = ast.get_docstring(node, clean=True)
+        if not doc or len(node.body) < 2:  # no docstring, or nothing but the docstring
+            continue
+        first = doc.strip().splitlines()[0].strip()
+        if not first or len(first) > 120:
+            continue
+        d = node.body[0]
+        start = min([node.lineno] + [dec.lineno for dec in node.decorator_list]) - 1
+        head = lines[start : d.lineno - 1]  # decorators and the def line(s)
+        if d.lineno == node.lineno:  # `def f(): "doc"; ...` on one line: rare, skip
+            continue
+        body = lines[d.end_lineno : node.end_lineno]
+        code = textwrap.dedent("".join(head + body)).rstrip()
+        if len(code) > max_code_chars:
+            code = code[:max_code_chars].rstrip()
+        out.append({"prompt": code + DOCSTRING_PROMPT, "completion": " " + first, "name": node.name})
+    return out
+
+
+def docstring_pairs(
+    split: str = "train", limit: int | None = None, max_code_chars: int = 600, spec: str = "stdlib"
+) -> list[dict]:
+    """(function source without its docstring -> first docstring line) pairs from the corpus `split`,
+    in corpus order; {"prompt": code + "\\n# Summary:", "completion": " " + first line, "name": ...}."""
+    from yuyan.data.corpus import iter_documents
+
+    out: list[dict] = []
+    for doc in iter_documents(spec, split=split):
+        text = doc if isinstance(doc, str) else doc.text
+        out += _docstring_pairs_from_source(text, max_code_chars)
+        if limit is not None and len(out) >= limit:
+            return out[:limit]
+    return out
+
+
+class DocstringTask(SFTTask):
+    """SFT on docstring pairs with the plain template: prompt tokens, then completion + EOT to learn."""
+
+    @classmethod
+    def build(
+        cls, tokenizer, block_size: int, train_limit: int | None = 4000, val_limit: int = 200
+    ) -> DocstringTask:
+        report = DataReport("stdlib docstrings")
+        recs = [(f"train:{p['name']}", p) for p in docstring_pairs("train", train_limit)]
+        vals = [(f"val:{p['name']}", p) for p in docstring_pairs("val", val_limit)]
+        if not recs or not vals:
+            raise UserError(
+                "the stdlib corpus yielded no docstring pairs; check that the Python sources are installed"
+            )
+        train = sft_examples(recs, tokenizer, block_size + 1, report, template="plain")
+        val = sft_examples(vals, tokenizer, block_size + 1, report, template="plain")
+        return cls(train, val, tokenizer.pad_id or 0, report)
+
+
+__all__ = [
+    "DataReport",
+    "read_records",
+    "split_holdout",
+    "render_sft",
+    "sft_examples",
+    "collate_sft",
+    "SFTTask",
+    "read_classification",
+    "ClassifyTask",
+    "docstring_pairs",
+    "DocstringTask",
+    "IGNORE",
+    "DOCSTRING_PROMPT",
+]

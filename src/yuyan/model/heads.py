@@ -1,0 +1,158 @@
+"""Classification head composed around a Transformer: a linear layer over one pooled hidden state.
+
+`Classifier(model, labels, pooling)` holds the transformer as `model` and a `score` linear layer
+(d_model -> n_labels). Texts are encoded as their tokens plus the end-of-text token, right-padded;
+`pooling="last"` reads the final hidden state of the last real token (with right padding and causal
+attention the pads never influence it), `pooling="mean"` averages the hidden states of the real tokens.
+A checkpoint stores the transformer as usual and the head as `extra_tensors` (`score.weight`,
+`score.bias`) with meta {"task": "classify", "labels": [...], "pooling": ...}, so any tool that ignores
+the head still opens the model. `Classifier.from_pretrained(spec)` and `predict(texts)` serve the saved
+model; `classification_metrics` gives accuracy, macro-F1 and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from yuyan.errors import UserError
+
+POOLINGS = ("last", "mean")
+
+
+def encode_for_classify(tokenizer, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:
+    """Token ids (text + EOT) per text, cut to max_len; returns (ids, how many were truncated)."""
+    eot = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+    out, cut = [], 0
+    for ids in tokenizer.encode_batch(list(texts)):
+        ids = ids + eot
+        if len(ids) > max_len:
+            ids, cut = ids[: max_len - len(eot)] + eot, cut + 1
+        out.append(ids if ids else eot or [0])
+    return out, cut
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: (input_ids (B, T), lengths (B,))."""
+    T = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return x, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+class Classifier(nn.Module):
+    """A transformer plus a linear head over its last-token (or mean) final hidden state."""
+
+    def __init__(self, model: nn.Module, labels: list[str], pooling: str = "last", tokenizer=None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise UserError(f"pooling {pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
+        if len(labels) < 2:
+            raise UserError(f"classification needs at least 2 labels, got {labels}; check the label column")
+        self.model, self.labels, self.pooling, self.tokenizer = model, list(labels), pooling, tokenizer
+        p = next(model.parameters())
+        self.score = nn.Linear(model.config.d_model, len(labels), device=p.device, dtype=p.dtype)
+        nn.init.normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.bias)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) right-padded, lengths (B,) -> logits (B, n_labels)."""
+        h = self.model.hidden(input_ids)  # (B, T, d_model)
+        if self.pooling == "last":
+            pooled = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, d_model)
+        else:
+            keep = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]).to(
+                h.dtype
+            )  # (B, T)
+            pooled = (h * keep[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+        return self.score(pooled)
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        return {"score.weight": self.score.weight.detach(), "score.bias": self.score.bias.detach()}
+
+    def head_meta(self) -> dict:
+        return {"task": "classify", "labels": self.labels, "pooling": self.pooling}
+
+    def load_head(self, extra: dict[str, torch.Tensor]) -> None:
+        w, b = extra.get("score.weight"), extra.get("score.bias")
+        if w is None or b is None or tuple(w.shape) != tuple(self.score.weight.shape):
+            raise UserError(
+                f"the checkpoint's classifier head does not fit {len(self.labels)} labels "
+                f"x d_model {self.config.d_model}; re-train with yuyan finetune --task classify"
+            )
+        with torch.no_grad():
+            self.score.weight.copy_(w)
+            self.score.bias.copy_(b)
+
+    @classmethod
+    def from_language_model(cls, lm) -> Classifier:
+        """A Classifier from a loaded LanguageModel whose checkpoint holds a classification head."""
+        if lm.meta.get("task") != "classify" or "score.weight" not in lm.extra_tensors:
+            raise UserError(
+                f"{lm.path} has no classification head; fine-tune one with "
+                "`yuyan finetune --task classify --data FILE` or use prompting"
+            )
+        clf = cls(lm.model, lm.meta["labels"], lm.meta.get("pooling", "last"), lm.tokenizer)
+        clf.load_head(lm.extra_tensors)
+        return clf.eval()
+
+    @classmethod
+    def from_pretrained(cls, spec: str | os.PathLike, device: torch.device | str | None = None) -> Classifier:
+        from yuyan.model import load
+
+        return cls.from_language_model(load(spec, device))
+
+    @torch.no_grad()
+    def predict(self, texts: list[str] | str, batch_size: int = 32) -> list[tuple[str, dict[str, float]]]:
+        """Label and per-label probabilities for each text."""
+        if self.tokenizer is None:
+            raise UserError("this classifier has no tokenizer; build it with Classifier.from_pretrained")
+        if isinstance(texts, str):
+            texts = [texts]
+        was = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        ids, _ = encode_for_classify(self.tokenizer, texts, self.config.block_size)
+        out = []
+        for i in range(0, len(ids), batch_size):
+            x, n = pad_batch(ids[i : i + batch_size], self.tokenizer.pad_id or 0)
+            probs = F.softmax(self(x.to(dev), n.to(dev)).float(), -1).cpu()  # (b, n_labels)
+            for row in probs:
+                out.append(
+                    (
+                        self.labels[int(row.argmax())],
+                        {lab: float(p) for lab, p in zip(self.labels, row, strict=True)},
+                    )
+                )
+        self.train(was)
+        return out
+
+
+def classification_metrics(y_true: list[int], y_pred: list[int], n_labels: int) -> dict:
+    """Accuracy, macro-F1 (over labels present in truth or predictions) and the confusion matrix
+    (rows: true label, columns: predicted)."""
+    cm = torch.zeros(n_labels, n_labels, dtype=torch.long)
+    for t, p in zip(y_true, y_pred, strict=True):
+        cm[t, p] += 1
+    tp = cm.diag().float()
+    prec = tp / cm.sum(0).clamp(min=1)
+    rec = tp / cm.sum(1).clamp(min=1)
+    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec), torch.zeros_like(tp))
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    n = max(len(y_true), 1)
+    return {
+        "accuracy": float(tp.sum()) / n,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "confusion": cm.tolist(),
+    }
+
+
+__all__ = ["Classifier", "classification_metrics", "encode_for_classify", "pad_batch", "POOLINGS"]
