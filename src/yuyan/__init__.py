@@ -9,4 +9,13 @@ from yuyan.model import KVCache, LanguageModel, ModelConfig, Transformer, load, 
 from yuyan.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["load", "LanguageModel", "ModelConfig", "Transformer", "KVCache", "preset", "Tokenizer", "UserError"]
+__all__ = ["load", "LanguageModel", "ModelConfig", "Transformer", "KVCache", "preset", "Tokenizer", "UserError", "train"]
+
+
+def __getattr__(name: str):
+    # yuyan.train(config): the training package is callable (the pre-training recipe); imported on first use
+    if name == "train":
+        import importlib
+
+        return importlib.import_module("yuyan.train")
+    raise AttributeError(f"module 'yuyan' has no attribute {name!r}")

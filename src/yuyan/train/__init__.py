@@ -2,8 +2,12 @@
 
 `fit(model, tokenizer, task, cfg, out_dir)` trains any `Task` (`LMTask` for next-token prediction over
 token shards; fine-tuning tasks implement the same methods). `train(config)` is the pre-training recipe:
-tokenizer → shards → model from a preset → fit.
+tokenizer → shards → model from a preset → fit. The package itself is callable, so `yuyan.train(config)`
+runs that recipe while `yuyan.train.fit` etc. stay reachable under the same name.
 """
+
+import sys
+import types
 
 from yuyan.train.loop import (
     CheckpointSection,
@@ -42,3 +46,14 @@ def __getattr__(name):
 
         return getattr(pretrain, name)
     raise AttributeError(name)
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, config=None, overrides: dict | None = None, resume: bool = False) -> dict:
+        """yuyan.train(config): pre-train as a TrainConfig or TOML file says (see pretrain.train)."""
+        from yuyan.train.pretrain import train as _train
+
+        return _train(config, overrides, resume)
+
+
+sys.modules[__name__].__class__ = _CallableModule
