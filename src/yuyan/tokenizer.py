@@ -55,7 +55,8 @@ class Tokenizer:
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        # strings or yuyan.data.corpus.Document objects (their .text), streamed: never held as one list
+        tok.train_from_iterator((t if isinstance(t, str) else t.text for t in texts), trainer=trainer)
         return cls(tok)
 
     @classmethod
