@@ -138,7 +138,7 @@ def main() -> None:
         from yuyan.train.finetune import run_docstring_finetune
 
         with tempfile.TemporaryDirectory() as tmp:
-            s = run_docstring_finetune(args.docstring, os.path.join(tmp, "ft"), args.minutes, quiet=True)
+            s = run_docstring_finetune(args.docstring, os.path.join(tmp, "ft"), args.minutes)
         result["docstring"] = {
             k: s[k]
             for k in (

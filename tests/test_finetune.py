@@ -376,3 +376,66 @@ def test_cli_finetune_classify_lora_and_errors(tmp_path, tokenizer, run_cli):
     assert bad2.returncode == 2 and "lm, sft, classify" in bad2.stderr
     h = run_cli("finetune", "--help")
     assert h.returncode == 0 and "Example" in h.stdout
+
+
+# ---------------------------------------------------------------------------------------------- docstring task
+
+MODULE = '''
+import os
+
+
+def join_paths(a, b):
+    """Join two paths with the separator.
+
+    More text that is not the first line.
+    """
+    return os.path.join(a, b)
+
+
+class Box:
+    @staticmethod
+    def area(w, h):
+        """Return the area of a box {i}."""
+        if w < 0:
+            raise ValueError("negative")
+        return w * h
+
+    def only_doc(self):
+        """Has nothing but a docstring."""
+'''
+
+
+def test_docstring_pairs_and_demo_recipe(tmp_path, tokenizer):
+    from yuyan.data.corpus import split_of
+    from yuyan.data.tasks import docstring_pairs
+    from yuyan.train.finetune import run_docstring_finetune
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):
+        (corpus / f"mod_{i}.py").write_text(MODULE.replace("{i}", str(i)), encoding="utf-8")
+    val_files = sorted(f"mod_{i}.py" for i in range(60) if split_of(f"mod_{i}.py") == "val")
+    assert val_files  # the corpus split sends some files to val
+    train, val = docstring_pairs("train", spec=str(corpus)), docstring_pairs("val", spec=str(corpus))
+    assert len(train) == 2 * (60 - len(val_files)) and len(val) == 2 * len(val_files)
+    p = train[0]
+    assert p["completion"] == " Join two paths with the separator." and p["name"] == "join_paths"
+    assert p["prompt"] == "def join_paths(a, b):\n    return os.path.join(a, b)\n# Summary:"
+    area = train[1]
+    assert (
+        area["prompt"].startswith("@staticmethod\ndef area(w, h):\n    if w < 0:")
+        and '"""' not in area["prompt"]
+    )
+    assert {int(q["completion"].split()[-1].rstrip(".")) for q in val if q["name"] == "area"} == {
+        int(f[4:-3]) for f in val_files
+    }
+    torch.manual_seed(0)
+    base = save_checkpoint(
+        tmp_path / "base",
+        Transformer(tiny_config("gpt2", vocab_size=tokenizer.vocab_size, block_size=128)),
+        tokenizer,
+    )
+    s = run_docstring_finetune(base, tmp_path / "doc", minutes=0.05, eval_pairs=8, spec=str(corpus))
+    assert set(s) >= {"rouge_l_before", "rouge_l_after", "bleu_before", "bleu_after"}
+    assert 0 <= s["rouge_l_after"] <= 100 and s["eval_pairs"] == min(8, len(val)) and s["steps"] > 0
+    assert json.loads((tmp_path / "doc" / "docstring_scores.json").read_text())["steps"] == s["steps"]

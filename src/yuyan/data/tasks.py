@@ -430,8 +430,11 @@ def _docstring_pairs_from_source(src: str, max_code_chars: int) -> list[dict]:
             continue
         body = lines[d.end_lineno : node.end_lineno]
         code = textwrap.dedent("".join(head + body)).rstrip()
-        if len(code) > max_code_chars:
-            code = code[:max_code_chars].rstrip()
+        if len(code) > max_code_chars:  # keep whole lines: the signature and the start of the body
+            code = code[
+                : code.rfind("\n", 0, max_code_chars) if "\n" in code[:max_code_chars] else max_code_chars
+            ]
+            code = code.rstrip()
         out.append({"prompt": code + DOCSTRING_PROMPT, "completion": " " + first, "name": node.name})
     return out
 
@@ -444,8 +447,19 @@ def docstring_pairs(
     from yuyan.data.corpus import iter_documents
 
     out: list[dict] = []
-    for doc in iter_documents(spec, split=split):
-        text = doc if isinstance(doc, str) else doc.text
+
+    def files():  # whole files: a long text arrives as consecutive pieces of one source
+        source, parts = None, []
+        for doc in iter_documents(spec, split=split):
+            if doc.piece == 0 and parts:
+                yield "".join(parts)
+                parts = []
+            source = doc.source
+            parts.append(doc.text)
+        if parts and source is not None:
+            yield "".join(parts)
+
+    for text in files():
         out += _docstring_pairs_from_source(text, max_code_chars)
         if limit is not None and len(out) >= limit:
             return out[:limit]
@@ -457,14 +471,20 @@ class DocstringTask(SFTTask):
 
     @classmethod
     def build(
-        cls, tokenizer, block_size: int, train_limit: int | None = 4000, val_limit: int = 200
+        cls,
+        tokenizer,
+        block_size: int,
+        train_limit: int | None = 4000,
+        val_limit: int = 200,
+        spec: str = "stdlib",
     ) -> DocstringTask:
-        report = DataReport("stdlib docstrings")
-        recs = [(f"train:{p['name']}", p) for p in docstring_pairs("train", train_limit)]
-        vals = [(f"val:{p['name']}", p) for p in docstring_pairs("val", val_limit)]
+        report = DataReport(f"{spec} docstrings")
+        recs = [(f"train:{p['name']}", p) for p in docstring_pairs("train", train_limit, spec=spec)]
+        vals = [(f"val:{p['name']}", p) for p in docstring_pairs("val", val_limit, spec=spec)]
         if not recs or not vals:
             raise UserError(
-                "the stdlib corpus yielded no docstring pairs; check that the Python sources are installed"
+                f"the corpus {spec!r} yielded no docstring pairs in its train and val splits; "
+                "use Python sources with documented functions (the default: stdlib)"
             )
         train = sft_examples(recs, tokenizer, block_size + 1, report, template="plain")
         val = sft_examples(vals, tokenizer, block_size + 1, report, template="plain")

@@ -218,9 +218,9 @@ def run_docstring_finetune(
     out_dir: str | os.PathLike,
     minutes: float = 2.0,
     eval_pairs: int = 64,
-    quiet: bool = False,
+    spec: str = "stdlib",
 ) -> dict:
-    """Fine-tune `model_dir` on the stdlib docstring task for `minutes`; ROUGE-L and BLEU on held-out pairs.
+    """Fine-tune `model_dir` on the docstring task of corpus `spec` (default the stdlib) for `minutes`; ROUGE-L and BLEU on held-out pairs.
 
     Returns {rouge_l_before, rouge_l_after, bleu_before, bleu_after, train_pairs, eval_pairs, steps, out_dir,
     final_dir, examples_before, examples_after}; also written to OUT/docstring_scores.json.
@@ -233,7 +233,7 @@ def run_docstring_finetune(
     block = lm.model.config.block_size
     pairs = [
         p
-        for p in docstring_pairs("val", limit=4 * eval_pairs)
+        for p in docstring_pairs("val", limit=4 * eval_pairs, spec=spec)
         if len(lm.tokenizer.encode(p["prompt"])) + 24 <= block
     ][:eval_pairs]
     if not pairs:
@@ -241,13 +241,13 @@ def run_docstring_finetune(
             "no held-out docstring pair fits the model's context; use a model with block_size >= 256"
         )
     before = docstring_scores(lm.model, lm.tokenizer, pairs)
-    task = DocstringTask.build(lm.tokenizer, block)
+    task = DocstringTask.build(lm.tokenizer, block, spec=spec)
     cfg = default_train_config()
     cfg.train.max_time, cfg.train.max_steps, cfg.train.lr, cfg.train.min_lr = (
         minutes * 60,
         100_000,
-        1e-3,
-        1e-4,
+        5e-4,
+        5e-5,
     )
     cfg.eval.every, cfg.checkpoint.every_minutes = 0, 0.0
     cfg.train.batch_size = 16
