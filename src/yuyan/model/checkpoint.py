@@ -27,6 +27,7 @@ from yuyan.tokenizer import Tokenizer
 
 FORMAT, VERSION = "yuyan", 1
 MAX_PARAMS = 200e9  # a config asking for more is refused before anything is allocated
+MAX_LAYERS = 1024  # the deepest real models have ~130; a hostile n_layer would build millions of modules
 
 
 @dataclass
@@ -156,8 +157,21 @@ def read_config(path: Path) -> dict:
     return cfg
 
 
+def estimate_params(cfg: ModelConfig) -> int:
+    """Parameter count from the config alone (weights of every matrix; biases and norms are negligible)."""
+    d, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
+    attn = d * cfg.head_dim * 2 * (cfg.n_head + cfg.n_kv_head)
+    mlp = d * cfg.d_ff * (3 if cfg.ffn == "swiglu" else 2)
+    pos = cfg.block_size * d if cfg.pos == "learned" else 0
+    return V * d * (1 if cfg.tie_embeddings else 2) + pos + L * (attn + mlp)
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> Transformer:
     """Instantiate a model on the meta device first so absurd configs fail before any allocation."""
+    est = estimate_params(cfg)
+    if est > MAX_PARAMS or cfg.n_layer > MAX_LAYERS:
+        raise UserError(f"config asks for {est:.3g} parameters in {cfg.n_layer} layers (limits {MAX_PARAMS:.0e}, "
+                        f"{MAX_LAYERS} layers); the config is corrupt or absurd")
     with torch.device("meta"):
         m = Transformer(cfg)
     n = m.num_params()

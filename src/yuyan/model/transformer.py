@@ -50,12 +50,15 @@ class ModelConfig:
                 self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
             else:
                 self.d_ff = 4 * self.d_model
+        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim")
+        bad = [f"{k}={getattr(self, k)!r}" for k in sizes if type(getattr(self, k)) is not int or getattr(self, k) < 1]
+        if bad:  # checked first: the rules below do arithmetic on these
+            raise ValueError(f"invalid model config: sizes must be positive integers, got {', '.join(bad)}")
         checks = [
             (self.ffn in ("gelu_mlp", "swiglu"), f"ffn must be gelu_mlp or swiglu, got {self.ffn!r}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}"),
             (self.pos in ("learned", "rope"), f"pos must be learned or rope, got {self.pos!r}"),
             (self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"),
-            (min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.d_model) > 0, "sizes must be positive"),
             (self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim"),
         ]
         for ok, msg in checks:

@@ -1,0 +1,54 @@
+"""`yuyan convert from-hf|to-hf SRC OUT`: move models between Hugging Face folders and our checkpoints.
+
+Both commands are thin calls into `yuyan.model.hf`: from-hf loads an HF folder (or downloads `hf:NAME`)
+and saves our checkpoint folder; to-hf loads any model spec and writes a folder that transformers opens.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from yuyan.cli import app
+
+convert_app = typer.Typer(
+    help="Convert models between Hugging Face folders and yuyan checkpoints.", no_args_is_help=True
+)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("from-hf")
+def from_hf_cmd(
+    src: str = typer.Argument(..., help="Hugging Face model folder (gpt2, llama, qwen2, mistral) or hf:NAME"),
+    out: str = typer.Argument(..., help="checkpoint folder to write (replaced atomically)"),
+) -> None:
+    """Import a Hugging Face model into a yuyan checkpoint folder.
+
+    Example: yuyan convert from-hf ./gpt2-hf ./ckpt/gpt2
+    """
+    from yuyan.model.checkpoint import save_checkpoint
+    from yuyan.model.hf import download, load_hf
+
+    folder = download(src[3:]) if src.startswith("hf:") else src
+    lm = load_hf(folder)
+    gen = lm.meta.get("generation_config")
+    path = save_checkpoint(out, lm.model, lm.tokenizer, meta=lm.meta, generation_config=gen)
+    n = lm.model.num_params()
+    print(f"wrote {path} ({lm.meta['hf_model_type']}, {n / 1e6:.2f}M parameters)")
+
+
+@convert_app.command("to-hf")
+def to_hf_cmd(
+    src: str = typer.Argument(..., help="our checkpoint folder (or any model spec yuyan.load accepts)"),
+    out: str = typer.Argument(..., help="Hugging Face folder to write (replaced atomically)"),
+    family: str = typer.Option(None, help="expected model_type (gpt2|llama|qwen2); default: from the config"),
+) -> None:
+    """Export a model to a folder that transformers' AutoModelForCausalLM and AutoTokenizer open.
+
+    Example: yuyan convert to-hf ./ckpt/demo ./demo-hf
+    """
+    from yuyan.model import load
+    from yuyan.model.hf import export_hf, hf_family
+
+    lm = load(src)
+    path = export_hf(lm, None, out, family=family)
+    print(f"wrote {path} (model_type {hf_family(lm.model.config)})")

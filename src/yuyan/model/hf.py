@@ -1,0 +1,601 @@
+"""Hugging Face interop: import a local HF model folder, export ours to one, download `hf:NAME`.
+
+Import needs no transformers: config.json is mapped to our `ModelConfig` by one function per
+`model_type` (gpt2, llama, qwen2, mistral), and the weights by one key table per family whose inverse is
+export. Our parameter names already follow HF Llama, so the Llama table is a prefix; GPT-2's table also
+transposes Conv1D weights ((in, out) on disk) and splits the fused `c_attn` into q/k/v. Weights come from
+model.safetensors, a sharded `*.index.json`, or pytorch_model.bin through `torch.load(weights_only=True)`
+(never a full unpickle). Export writes config.json, model.safetensors, the tokenizer files and
+generation_config.json atomically, so `transformers.AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` open the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from yuyan.errors import UserError
+from yuyan.model.checkpoint import (
+    LanguageModel,
+    atomic_write_dir,
+    build_model,
+    check_tokenizer,
+    read_config,
+    verify_manifest,
+    write_json,
+)
+from yuyan.model.transformer import ModelConfig, Transformer
+from yuyan.tokenizer import CHAT_TOKENS, PAD, Tokenizer
+
+# --------------------------------------------------------------------------------------------- key tables
+
+
+@dataclass(frozen=True)
+class Key:
+    """One HF tensor and the parameter(s) of ours it holds. `{i}` stands for the layer index."""
+
+    hf: str
+    ours: tuple[str, ...]  # more than one: HF fuses them along the output dimension (GPT-2's c_attn)
+    conv1d: bool = False  # HF stores (in, out) (GPT-2's Conv1D); ours is nn.Linear's (out, in)
+
+
+def _gpt2_table() -> list[Key]:
+    h, ly = "transformer.h.{i}.", "layers.{i}."
+    keys = [
+        Key("transformer.wte.weight", ("embed_tokens.weight",)),
+        Key("transformer.wpe.weight", ("embed_positions.weight",)),
+    ]
+    for w in ("weight", "bias"):
+        keys += [
+            Key(f"{h}ln_1.{w}", (f"{ly}input_layernorm.{w}",)),
+            Key(f"{h}attn.c_attn.{w}", tuple(f"{ly}self_attn.{p}_proj.{w}" for p in "qkv"), w == "weight"),
+            Key(f"{h}attn.c_proj.{w}", (f"{ly}self_attn.o_proj.{w}",), w == "weight"),
+            Key(f"{h}ln_2.{w}", (f"{ly}post_attention_layernorm.{w}",)),
+            Key(f"{h}mlp.c_fc.{w}", (f"{ly}mlp.up_proj.{w}",), w == "weight"),
+            Key(f"{h}mlp.c_proj.{w}", (f"{ly}mlp.down_proj.{w}",), w == "weight"),
+            Key(f"transformer.ln_f.{w}", (f"norm.{w}",)),
+        ]
+    return keys + [Key("lm_head.weight", ("lm_head.weight",))]
+
+
+def _llama_table() -> list[Key]:
+    # our names are HF Llama's without the "model." prefix; biases only exist when the config has them
+    layer = [f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")]
+    layer += [f"mlp.{p}_proj.{w}" for p in ("gate", "up", "down") for w in ("weight", "bias")]
+    layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    keys = [Key("model.embed_tokens.weight", ("embed_tokens.weight",))]
+    keys += [Key(f"model.layers.{{i}}.{n}", (f"layers.{{i}}.{n}",)) for n in layer]
+    return keys + [Key("model.norm.weight", ("norm.weight",)), Key("lm_head.weight", ("lm_head.weight",))]
+
+
+TABLES: dict[str, list[Key]] = {"gpt2": _gpt2_table(), "llama": _llama_table()}
+FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}  # model_type -> key table
+# tensors some HF files carry that are buffers, not weights: GPT-2's causal mask, old Llama's inv_freq
+IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
+
+
+def _entries(table: list[Key], model: Transformer):
+    """(hf name, our names, conv1d) for every table row this model has, layers expanded."""
+    ours = model.state_dict()
+    for key in table:
+        layers = range(model.config.n_layer) if "{i}" in key.hf else [None]
+        for i in layers:
+            names = tuple(n.format(i=i) for n in key.ours)
+            if all(n in ours for n in names):
+                yield key.hf.format(i=i), names, key.conv1d
+
+
+def hf_to_ours(sd: dict[str, torch.Tensor], model: Transformer, model_type: str, source: str) -> dict:
+    """Map an HF state dict to ours (import); clear errors name missing and unexpected tensors."""
+    table = TABLES[FAMILY[model_type]]
+    prefix = "transformer." if FAMILY[model_type] == "gpt2" else "model."
+    if not any(k.startswith(prefix) for k in sd):  # saved from the bare GPT2Model / LlamaModel
+        sd = {(k if k == "lm_head.weight" else prefix + k): v for k, v in sd.items()}
+    tied = model.lm_head_weight_tied()
+    ours_sd = model.state_dict()
+    out, used, missing = {}, set(), []
+    for hf, names, conv1d in _entries(table, model):
+        if tied and names == ("lm_head.weight",):
+            used.add(hf)  # HF ties it to the embedding too; a stored copy is ignored like HF does
+            continue
+        if hf not in sd:
+            missing.append(hf)
+            continue
+        t = sd[hf].t() if conv1d else sd[hf]
+        sizes = [ours_sd[n].shape[0] for n in names]
+        if len(names) > 1 and t.shape[0] != sum(sizes):
+            raise UserError(
+                f"{source}: {hf} has shape {tuple(sd[hf].shape)}, the config implies {sum(sizes)} "
+                "fused outputs: config.json does not match the weights"
+            )
+        out.update(zip(names, torch.split(t, sizes, dim=0) if len(names) > 1 else [t], strict=True))
+        used.add(hf)
+    unexpected = sorted(k for k in sd if k not in used and not IGNORED.search(k))
+    if missing or unexpected:
+        parts = [
+            f"missing {missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+            if missing
+            else "",
+            f"unexpected {unexpected[:8]}"
+            + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
+            if unexpected
+            else "",
+        ]
+        raise UserError(
+            f"weights in {source} do not fit a {model_type} model of its config.json: "
+            + "; ".join(p for p in parts if p)
+            + "; the folder is incomplete or from another model"
+        )
+    return out
+
+
+def ours_to_hf(model: Transformer, family: str) -> dict[str, torch.Tensor]:
+    """Our state dict in HF names (export): the inverse of `hf_to_ours`."""
+    sd = model.state_dict()
+    tied = model.lm_head_weight_tied()
+    out = {}
+    for hf, names, conv1d in _entries(TABLES[FAMILY[family]], model):
+        if tied and names == ("lm_head.weight",):
+            continue  # safetensors stores no aliases; HF ties it again from tie_word_embeddings
+        t = torch.cat([sd[n] for n in names], dim=0) if len(names) > 1 else sd[names[0]]
+        out[hf] = (t.t() if conv1d else t).detach().contiguous().cpu()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+class _Cfg:
+    """config.json access with errors that say which key is missing or of the wrong type."""
+
+    def __init__(self, raw: dict, source: str):
+        self.raw, self.source = raw, source
+
+    def __call__(self, key: str, default=..., kind: type = int):
+        v = self.raw.get(key)
+        if v is None:
+            if default is ...:
+                raise UserError(
+                    f"{self.source}/config.json lacks {key!r}; the folder is not a complete HF model"
+                )
+            return default
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or isinstance(v, bool) is not (kind is bool):
+            raise UserError(f"{self.source}/config.json: {key} = {v!r} should be {kind.__name__}")
+        return v
+
+
+def _gpt2_config(c: _Cfg) -> dict:
+    act = c("activation_function", "gelu_new", str)
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(
+            f"{c.source}: GPT-2 activation {act!r} is not supported (only gelu_new, the tanh GELU)"
+        )
+    if c("scale_attn_by_inverse_layer_idx", False, bool) or not c("scale_attn_weights", True, bool):
+        raise UserError(f"{c.source}: GPT-2 attention scaling variants are not supported")
+    d = c("n_embd")
+    return dict(
+        vocab_size=c("vocab_size"),
+        block_size=c("n_positions"),
+        n_layer=c("n_layer"),
+        n_head=c("n_head"),
+        d_model=d,
+        d_ff=c("n_inner", 4 * d),
+        norm_eps=c("layer_norm_epsilon", 1e-5, float),
+        tie_embeddings=c("tie_word_embeddings", True, bool),
+    )
+
+
+def _rope(c: _Cfg) -> dict:
+    # transformers 4.x: rope_theta + rope_scaling; 5.x: rope_parameters {"rope_theta", "rope_type", ...}
+    params = c("rope_parameters", {}, dict) or c("rope_scaling", {}, dict)
+    theta = c("rope_theta", None, float) or float(params.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise UserError(f"{c.source}: rope scaling {kind!r} is not supported (default and llama3 are)")
+    scaling = None
+    if kind == "llama3":
+        scaling = {
+            k: params[k]
+            for k in (
+                "rope_type",
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            )
+            if k in params
+        }
+        scaling["rope_type"] = "llama3"
+    return dict(rope_theta=theta, rope_scaling=scaling)
+
+
+def _llama_config(c: _Cfg) -> dict:
+    act = c("hidden_act", "silu", str)
+    if act != "silu":
+        raise UserError(
+            f"{c.source}: hidden_act {act!r} is not supported for {c.raw.get('model_type')} (only silu)"
+        )
+    attn_bias, mlp_bias = c("attention_bias", False, bool), c("mlp_bias", False, bool)
+    if attn_bias != mlp_bias:
+        raise UserError(
+            f"{c.source}: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
+            "(biases must be on all linear layers or on none)"
+        )
+    heads = c("num_attention_heads")
+    return dict(
+        vocab_size=c("vocab_size"),
+        block_size=c("max_position_embeddings", 2048),
+        n_layer=c("num_hidden_layers"),
+        n_head=heads,
+        n_kv_head=c("num_key_value_heads", heads),
+        d_model=c("hidden_size"),
+        d_ff=c("intermediate_size"),
+        head_dim=c("head_dim", None),
+        ffn="swiglu",
+        norm="rmsnorm",
+        norm_eps=c("rms_norm_eps", 1e-6, float),
+        pos="rope",
+        bias=attn_bias,
+        tie_embeddings=c("tie_word_embeddings", False, bool),
+        **_rope(c),
+    )
+
+
+def _qwen2_config(c: _Cfg) -> dict:
+    # Qwen2: Llama with biases on q/k/v only
+    return {**_llama_config(c), "bias": False, "qkv_bias": True}
+
+
+def _mistral_config(c: _Cfg) -> dict:
+    return _llama_config(c)
+
+
+CONFIG_FROM_HF: dict[str, Callable[[_Cfg], dict]] = {
+    "gpt2": _gpt2_config,
+    "llama": _llama_config,
+    "qwen2": _qwen2_config,
+    "mistral": _mistral_config,
+}
+
+
+def hf_config_to_ours(raw: dict, source: str = "model") -> ModelConfig:
+    mt = raw.get("model_type")
+    if mt not in CONFIG_FROM_HF:
+        raise UserError(f"{source}: model_type {mt!r} is not supported; supported: {sorted(CONFIG_FROM_HF)}")
+    try:
+        return ModelConfig(**CONFIG_FROM_HF[mt](_Cfg(raw, source)))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}/config.json: {e}") from None
+
+
+def _sliding_window_note(raw: dict, cfg: ModelConfig) -> str | None:
+    # Mistral (and Qwen2 with use_sliding_window) limit attention to a window; we attend to the whole
+    # context, which is identical for sequences up to the window and differs beyond it.
+    win = raw.get("sliding_window")
+    active = raw.get("model_type") == "mistral" or raw.get("use_sliding_window")
+    if active and isinstance(win, int) and win < cfg.block_size:
+        return f"sliding_window={win} is ignored: outputs match the original only for sequences up to {win} tokens"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- import
+
+
+def _safe_name(folder: Path, name: object, index: Path) -> Path:
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"{index} names shard {name!r} outside the folder; the index is corrupt or hostile")
+    return folder / name
+
+
+def _load_torch_bin(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError for code-running pickles, RuntimeError for bad zips
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(
+            f"{f} was refused by the safe (weights-only) loader ({first}); "
+            "it is corrupt or carries code: use a model.safetensors copy"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{f} does not hold a flat dict of tensors; it is not a Hugging Face weights file")
+    return sd
+
+
+def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{f} is corrupt or truncated ({str(e)[:160]}); download or copy it again") from None
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder: safetensors (single or sharded) first, else pytorch_model.bin."""
+    for single, index, loader in (
+        ("model.safetensors", "model.safetensors.index.json", _load_safetensors),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json", _load_torch_bin),
+    ):
+        if (folder / single).exists():
+            return loader(folder / single)
+        if (folder / index).exists():
+            try:
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(
+                    f"{folder / index} is not a valid shard index (JSON with a weight_map)"
+                ) from None
+            sd: dict[str, torch.Tensor] = {}
+            for name in shards:
+                shard = _safe_name(folder, name, folder / index)
+                if not shard.exists():
+                    raise UserError(
+                        f"{folder} lacks shard {name} listed in {index}; the download is incomplete"
+                    )
+                sd.update(loader(shard))
+            return sd
+    raise UserError(f"{folder} has no weights (model.safetensors, its sharded index, or pytorch_model.bin)")
+
+
+def load_hf(folder: str | os.PathLike, device: torch.device | str | None = None) -> LanguageModel:
+    """Open a Hugging Face model folder (gpt2, llama, qwen2, mistral) as our model, in float32."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise UserError(
+            f"model folder {p} not found: pass a Hugging Face folder with config.json, or hf:NAME"
+        )
+    verify_manifest(p)  # folders we exported carry one
+    raw = read_config(p)
+    if raw.get("format") == "yuyan":
+        raise UserError(f"{p} is already a yuyan checkpoint; open it with yuyan.load or `convert to-hf` it")
+    cfg = hf_config_to_ours(raw, str(p))
+    if not (p / "tokenizer.json").exists():
+        raise UserError(
+            f"{p} has no tokenizer.json (only a slow tokenizer?): re-save it with "
+            "transformers' AutoTokenizer.from_pretrained(dir).save_pretrained(dir), then retry"
+        )
+    tokenizer = Tokenizer.load(p)
+    check_tokenizer(tokenizer, cfg, str(p))
+    model = build_model(cfg, device)
+    sd = hf_to_ours(read_hf_weights(p), model, raw["model_type"], str(p))
+    bad = sorted(
+        f"{k} {tuple(v.shape)} vs config {tuple(model.state_dict()[k].shape)}"
+        for k, v in sd.items()
+        if tuple(v.shape) != tuple(model.state_dict()[k].shape)
+    )
+    if bad:
+        raise UserError(f"weights in {p} do not fit its config.json: shape mismatch {bad[:4]}")
+    with torch.no_grad():
+        model.load_state_dict(sd, strict=False)  # copies, converting fp16/bf16 files to float32
+    model.eval()
+    meta = {"source": "huggingface", "hf_model_type": raw["model_type"]}
+    note = _sliding_window_note(raw, cfg)
+    if note:
+        meta["note"] = note
+        warnings.warn(f"{p}: {note}", stacklevel=2)
+    gen = p / "generation_config.json"
+    if gen.exists():
+        with contextlib.suppress(ValueError, AttributeError):  # optional; a broken one does not stop the load
+            meta["generation_config"] = {
+                k: v for k, v in json.loads(gen.read_text(encoding="utf-8")).items() if k in GENERATION_KEYS
+            }
+    return LanguageModel(model, tokenizer, p, meta, {})
+
+
+GENERATION_KEYS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "max_new_tokens",
+)
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def hf_family(config: ModelConfig) -> str:
+    """The HF model_type that expresses this config exactly, or a clear error."""
+    c = config
+    if c.norm == "layernorm" and c.pos == "learned" and c.ffn == "gelu_mlp":
+        if c.bias and c.qkv_bias and c.n_kv_head == c.n_head and c.head_dim * c.n_head == c.d_model:
+            return "gpt2"
+        raise UserError(
+            "a GPT-2-style model needs biases everywhere, n_kv_head = n_head and head_dim = "
+            "d_model / n_head to export as HF gpt2; this config differs"
+        )
+    if c.norm == "rmsnorm" and c.pos == "rope" and c.ffn == "swiglu":
+        if c.qkv_bias and not c.bias:
+            return "qwen2"
+        if c.qkv_bias == c.bias:
+            return "llama"
+    raise UserError(
+        f"no Hugging Face architecture expresses norm={c.norm}, pos={c.pos}, ffn={c.ffn}, bias={c.bias}, "
+        f"qkv_bias={c.qkv_bias}: export needs layernorm+learned+gelu_mlp (gpt2) or "
+        "rmsnorm+rope+swiglu (llama, qwen2)"
+    )
+
+
+def ours_config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer) -> dict:
+    ids = dict(
+        bos_token_id=tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id,
+        eos_token_id=tokenizer.eot_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    if family == "gpt2":
+        return dict(
+            architectures=["GPT2LMHeadModel"],
+            model_type="gpt2",
+            vocab_size=c.vocab_size,
+            n_positions=c.block_size,
+            n_embd=c.d_model,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_inner=c.d_ff,
+            activation_function="gelu_new",
+            resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout,
+            attn_pdrop=c.dropout,
+            layer_norm_epsilon=c.norm_eps,
+            initializer_range=0.02,
+            scale_attn_weights=True,
+            tie_word_embeddings=c.tie_embeddings,
+            torch_dtype="float32",
+            **ids,
+        )
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    out = dict(
+        architectures=[arch],
+        model_type=family,
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.block_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        rope_scaling=c.rope_scaling,
+        attention_dropout=c.dropout,
+        tie_word_embeddings=c.tie_embeddings,
+        initializer_range=0.02,
+        torch_dtype="float32",
+        **ids,
+    )
+    if family == "llama":
+        out.update(attention_bias=c.bias, mlp_bias=c.bias)
+    else:
+        out.update(use_sliding_window=False)
+    return out
+
+
+def _chat_template(tokenizer: Tokenizer) -> str | None:
+    # the same ids as Tokenizer.apply_chat_template when the tokenizer has our role tokens
+    if len(tokenizer.chat_ids) < len(CHAT_TOKENS):
+        return None
+    return (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+
+
+def _tokenizer_files(tokenizer: Tokenizer, block_size: int) -> tuple[dict, dict]:
+    vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
+    inv = {i: t for t, i in vocab.items()}
+    special = {}
+    for role, i in (
+        ("bos_token", tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id),
+        ("eos_token", tokenizer.eot_id),
+        ("pad_token", tokenizer.pad_id),
+    ):
+        if i is not None:
+            special[role] = inv[i]
+    if tokenizer.token_to_id(PAD) is None and "eos_token" in special:
+        special["pad_token"] = special["eos_token"]
+    if tokenizer.token_to_id("<unk>") is not None:
+        special["unk_token"] = "<unk>"
+    cfg = dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        model_max_length=block_size,
+        clean_up_tokenization_spaces=False,
+        add_bos_token=False,
+        add_eos_token=False,
+        **special,
+    )
+    template = _chat_template(tokenizer)
+    if template:
+        cfg["chat_template"] = template
+    return cfg, special
+
+
+def export_hf(
+    lm_or_model: LanguageModel | Transformer,
+    tokenizer: Tokenizer | None,
+    out_dir: str | os.PathLike,
+    family: str | None = None,
+) -> Path:
+    """Write a Hugging Face folder (config, model.safetensors, tokenizer, generation config) atomically."""
+    if isinstance(lm_or_model, LanguageModel):
+        model, tokenizer = lm_or_model.model, tokenizer or lm_or_model.tokenizer
+    else:
+        model = lm_or_model
+    if tokenizer is None:
+        raise UserError("export_hf needs the model's tokenizer (pass a LanguageModel or a Tokenizer)")
+    auto = hf_family(model.config)
+    if family is not None and family != auto:
+        raise UserError(
+            f"this model exports as HF {auto!r}, not {family!r}: its config fixes the architecture"
+        )
+    if model.config.rope_scaling and auto != "llama":
+        raise UserError(f"rope_scaling is only exported for llama models, not {auto}")
+    check_tokenizer(tokenizer, model.config, "the export")
+    sd = ours_to_hf(model, auto)
+    config = ours_config_to_hf(model.config, auto, tokenizer)
+    tok_cfg, special = _tokenizer_files(tokenizer, model.config.block_size)
+    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+    def write(tmp: Path) -> None:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", config)
+        tokenizer.save(tmp)
+        write_json(tmp / "tokenizer_config.json", tok_cfg)
+        write_json(tmp / "special_tokens_map.json", special)
+        write_json(tmp / "generation_config.json", gen)
+
+    return atomic_write_dir(out_dir, write)
+
+
+# --------------------------------------------------------------------------------------------- download
+
+
+def download(name: str) -> Path:
+    """`hf:NAME` -> a local folder: huggingface_hub's snapshot_download (safetensors and JSON files only)."""
+    if not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name or "") or ".." in name:
+        raise UserError(f"hf:{name} is not a model name; write hf:ORG/NAME, e.g. hf:openai-community/gpt2")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(
+            f"hf:{name} needs huggingface_hub (pip install 'yuyan[hub]'); "
+            "or download the model yourself and pass its folder"
+        ) from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as e:  # offline mode, no network, unknown or gated repo: all one clear line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(
+            f"could not fetch hf:{name} ({type(e).__name__}: {first}); check the name and your "
+            "network (HF_HUB_OFFLINE must be unset), or pass a local folder"
+        ) from None
+
+
+__all__ = [
+    "load_hf",
+    "export_hf",
+    "download",
+    "hf_config_to_ours",
+    "hf_to_ours",
+    "ours_to_hf",
+    "hf_family",
+    "read_hf_weights",
+    "TABLES",
+]
