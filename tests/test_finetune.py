@@ -316,6 +316,10 @@ def test_lora_finetune_saves_adapter_and_merged_model_and_resumes(tmp_path, toke
     assert all(torch.equal(b[k], m[k]) for k in b if "q_proj" not in k and "v_proj" not in k)
     load_adapter(base_lm.model, res["adapter_dir"])
     assert (base_lm.model(x) - merged.model(x)).abs().max() < 1e-5
+    from yuyan.model import load
+
+    via_load = load(res["adapter_dir"])  # an adapter folder opens as its base + the adapter
+    assert (via_load.model(x) - merged.model(x)).abs().max() < 1e-5 and via_load.meta["task"] == "sft"
     # resume continues to a longer schedule from the newest checkpoint
     cfg2 = _cfg(18, lr=1e-2, batch=4)
     res2 = finetune(base, tmp_path / "lora", opts, cfg2, resume=True, quiet=True)
@@ -367,6 +371,9 @@ def test_cli_finetune_classify_lora_and_errors(tmp_path, tokenizer, run_cli):
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "confusion_matrix.png").exists()
     clf = Classifier.from_pretrained(out / "final")
     assert clf.pooling == "mean" and clf.labels == ["negative", "positive"]
+    via_adapter = Classifier.from_pretrained(out / "adapter")
+    texts = [r["text"] for r in held[:6]]
+    assert [p[0] for p in via_adapter.predict(texts)] == [p[0] for p in clf.predict(texts)]
     bad = run_cli(
         "finetune", "--model", base, "--task", "classify", "--data", csv_path, "--out", tmp_path / "x"
     )

@@ -13,7 +13,8 @@ from yuyan.model.transformer import KVCache, ModelConfig, Transformer, preset
 
 
 def load(spec: str | os.PathLike, device: torch.device | str | None = None) -> LanguageModel:
-    """Open a model: our checkpoint folder, a Hugging Face folder (gpt2/llama/qwen2/mistral) or `hf:NAME`."""
+    """Open a model: our checkpoint folder, a Hugging Face folder (gpt2/llama/qwen2/mistral), `hf:NAME`, or a
+    LoRA adapter folder (its base model plus the adapter, merged)."""
     s = str(spec)
     if s.startswith("hf:"):
         from yuyan.model.hf import download
@@ -26,6 +27,10 @@ def load(spec: str | os.PathLike, device: torch.device | str | None = None) -> L
         p = resolve_dir(p)  # recovers a checkpoint caught between renames, or says clearly it is missing
     if p.is_file():
         raise UserError(f"{p} is a file; pass the model folder that holds config.json")
+    if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+        from yuyan.model.lora import load_adapter_model  # a LoRA adapter folder: its base + the adapter
+
+        return load_adapter_model(p, device)
     if read_config(p).get("format") == "yuyan":
         return load_checkpoint(p, device)
     from yuyan.model.hf import load_hf

@@ -242,6 +242,28 @@ def load_adapter(
     return model, doc, extra
 
 
+def load_adapter_model(path: str | os.PathLike, device: torch.device | str | None = None, merge: bool = True):
+    """A LanguageModel from an adapter folder: its base (`base_model_name_or_path`) plus the adapter, merged by
+    default (plain modules, full speed); the adapter's head tensors and meta (e.g. a classifier) come along."""
+    from yuyan.model import load
+
+    doc = read_adapter_config(path)
+    base = doc.get("base_model_name_or_path") or ""
+    if not base:
+        raise UserError(
+            f"{path}/{ADAPTER_CONFIG} names no base model; load the base with yuyan.load and "
+            "apply the adapter with yuyan.model.lora.load_adapter"
+        )
+    lm = load(base, device)
+    _, _, extra = load_adapter(lm.model, path)
+    if merge:
+        merge_lora(lm.model)
+    lm.model.eval()
+    lm.meta = {**lm.meta, **doc.get("meta", {}), "adapter": str(path)}
+    lm.extra_tensors = {**lm.extra_tensors, **extra}
+    return lm
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied tensors counted once."""
     ps = list(model.parameters())
@@ -258,6 +280,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter_config",
+    "load_adapter_model",
     "lora_modules",
     "count_params",
     "ADAPTER_CONFIG",

@@ -79,6 +79,12 @@ def build_task(lm, opts: FinetuneOptions, out: Path, cfg: TrainConfig):
     raise UserError(f"unknown task {opts.task!r}; choose one of {', '.join(TASKS)}")
 
 
+def _spec_str(model: str | os.PathLike) -> str:
+    """A model spec as recorded in an adapter: local folders as absolute paths, hf:NAME as it is."""
+    p = Path(model)
+    return str(p.resolve()) if p.exists() else str(model)
+
+
 def make_exporter(opts: FinetuneOptions):
     """export(trained module) -> (plain Transformer, extra tensors, meta) for every checkpoint."""
     from yuyan.model.heads import Classifier
@@ -170,7 +176,9 @@ def finetune(
         extra = net.head_tensors() if isinstance(net, Classifier) else {}
         hmeta = net.head_meta() if isinstance(net, Classifier) else {"task": opts.task}
         result["adapter_dir"] = str(
-            save_adapter(lm.model, out / "adapter", base_model=str(model), extra_tensors=extra, meta=hmeta)
+            save_adapter(
+                lm.model, out / "adapter", base_model=_spec_str(model), extra_tensors=extra, meta=hmeta
+            )
         )
     if opts.task == "classify" and getattr(task, "last_confusion", None) is not None:
         from yuyan.plots import plot_confusion_matrix
