@@ -1,0 +1,169 @@
+"""The transformer: parameter counts vs transformers, SDPA vs explicit attention, cached vs uncached decoding,
+config validation and the FLOP estimate (checked against torch's own FLOP counter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from yuyan.model.transformer import PRESETS, KVCache, ModelConfig, Transformer, preset
+
+
+def _meta(cls, config):
+    with torch.device("meta"):
+        return cls(config)
+
+
+def test_gpt2_preset_param_count_equals_transformers():
+    ours = _meta(Transformer, preset("gpt2"))
+    theirs = _meta(GPT2LMHeadModel, GPT2Config())  # the 124M GPT-2 config
+    n = sum(p.numel() for p in theirs.parameters())
+    assert ours.num_params() == n == 124_439_808
+    ours_m = _meta(Transformer, preset("gpt2-medium"))
+    theirs_m = _meta(GPT2LMHeadModel, GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+    assert ours_m.num_params() == sum(p.numel() for p in theirs_m.parameters())
+
+
+def test_llama_1b_preset_param_count_equals_transformers():
+    c = preset("llama-1b")
+    hf = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        tie_word_embeddings=True,
+    )
+    assert _meta(Transformer, c).num_params() == sum(
+        p.numel() for p in _meta(LlamaForCausalLM, hf).parameters()
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build(name):
+    m = _meta(Transformer, preset(name))
+    assert m.num_params() > 0 and m.lm_head.weight.shape == (m.config.vocab_size, m.config.d_model)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "llama-mqa", "llama-mha"])
+@torch.no_grad()
+def test_sdpa_matches_explicit_attention(kind):
+    family = kind.split("-")[0]
+    n_kv = {"llama-gqa": 2, "llama-mqa": 1, "llama-mha": 4}.get(kind)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(family, **({"n_kv_head": n_kv} if n_kv else {}))).eval()
+    x = torch.randint(0, 512, (3, 40))
+    weights: list = []
+    a, b = model(x), model(x, attn_weights=weights)
+    assert (a - b).abs().max().item() < 1e-5
+    assert len(weights) == 2 and weights[0].shape == (3, 4, 40, 40)
+    assert torch.allclose(weights[0].sum(-1), torch.ones(3, 4, 40)) and weights[0].triu(1).abs().max() == 0
+    # the masked (cached) path too: explicit vs SDPA on the same cache contents
+    for explicit in (False, True):
+        cache = KVCache(model.config, 3)
+        model(x[:, :30], cache=cache)
+        cache.advance(30)
+        out = model(x[:, 30:], cache=cache, attn_weights=[] if explicit else None)
+        assert (out - a[:, 30:]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@torch.no_grad()
+def test_cached_decoding_matches_uncached_with_ragged_rows(family):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(family)).eval()
+    lengths = [7, 3, 5]  # each row's prompt length: a batch of different per-row lengths
+    seqs = [torch.randint(0, 512, (n,)).tolist() for n in lengths]
+    cache = KVCache(model.config, batch=3, max_len=40)
+    # prefill the longest prompt length; the padded tails are overwritten because lengths say so
+    padded = torch.tensor([s + [0] * (max(lengths) - len(s)) for s in seqs])
+    logits = model(padded, cache=cache)
+    cache.lengths = torch.tensor(lengths)
+    nxt = [logits[b, n - 1] for b, n in enumerate(lengths)]
+    for _ in range(12):
+        for b in range(3):  # the oracle: each row's whole sequence without a cache
+            ref = model(torch.tensor([seqs[b]]))[0, -1]
+            assert (nxt[b] - ref).abs().max().item() < 1e-5
+            seqs[b].append(int(ref.argmax()))
+        step = torch.tensor([[s[-1]] for s in seqs])
+        logits = model(step, cache=cache)
+        cache.advance(1)
+        nxt = list(logits[:, -1])
+    assert cache.lengths.tolist() == [n + 12 for n in lengths]
+
+
+@torch.no_grad()
+def test_cache_reorder_and_copy_row():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("llama")).eval()
+    x = torch.randint(0, 512, (2, 6))
+    cache = KVCache(model.config, 2)
+    model(x, cache=cache)
+    cache.advance(6)
+    nxt = torch.tensor([[5], [9]])
+    want = model(torch.cat([x, nxt], 1))[:, -1]
+    flipped = KVCache(model.config, 2)
+    flipped.copy_row(0, cache, 1)
+    flipped.copy_row(1, cache, 0)
+    cache.reorder(torch.tensor([1, 0]))
+    for c in (cache, flipped):
+        got = model(nxt.flip(0), cache=c)[:, -1]
+        assert (got - want.flip(0)).abs().max().item() < 1e-5
+
+
+def test_learned_positions_refuse_beyond_context():
+    model = Transformer(tiny_config("gpt2", block_size=16))
+    with pytest.raises(ValueError, match="beyond the context of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        (dict(ffn="relu"), "ffn must be gelu_mlp or swiglu"),
+        (dict(norm="batchnorm"), "norm must be layernorm or rmsnorm"),
+        (dict(pos="alibi"), "pos must be learned or rope"),
+        (dict(n_head=4, n_kv_head=3), r"n_head \(4\) must be a multiple of n_kv_head \(3\)"),
+        (dict(n_kv_head=0), "n_kv_head=0"),
+        (dict(vocab_size=-1), "vocab_size=-1"),
+        (dict(d_model=32.0), "d_model=32.0"),
+        (dict(pos="rope", head_dim=7), "rope needs an even head_dim"),
+    ],
+)
+def test_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig(**kw)
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    c = tiny_config("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    assert ModelConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match=r"unknown model config keys \['n_embd'\]"):
+        ModelConfig.from_dict({**c.to_dict(), "n_embd": 3})
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("gpt5")
+    with pytest.raises(ValueError, match="unsupported rope_scaling"):
+        Transformer(tiny_config("llama", rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_flops_per_token_against_torch_flop_counter(family):
+    # FlopCounterMode counts every matmul (the explicit attention path: it does not see CPU SDPA), with full
+    # (non-causal) T x T attention; our estimate counts the causal half and includes the vector parameters
+    # (norms, biases) at 2 FLOPs each, which are ~1% here
+    model = Transformer(tiny_config(family, n_layer=2, d_model=64, block_size=128))
+    T = 128
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, T, dtype=torch.long), attn_weights=[])
+    c = model.config
+    full_attn_extra = c.n_layer * c.n_head * c.head_dim * 2 * T * T  # the upper triangle FlopCounter counts
+    measured_per_token = (counter.get_total_flops() - full_attn_extra) / T
+    assert model.flops_per_token(T) == pytest.approx(measured_per_token, rel=0.02)
+    assert model.flops_per_token(T, training=True) == 3 * model.flops_per_token(T)
+    # the 124M GPT-2: ~6N training FLOPs per token plus attention, N counted with the lm_head matmul
+    g = _meta(Transformer, preset("gpt2"))
+    assert 6 * 124e6 < g.flops_per_token(1024, training=True) < 6 * 124e6 * 1.3
