@@ -365,3 +365,31 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
 def check_tokenizer(shards: str | os.PathLike | TokenShards, tokenizer: Tokenizer) -> None:
     """UserError when the shards in `shards` were made with another tokenizer."""
     (shards if isinstance(shards, TokenShards) else TokenShards(shards)).check_tokenizer(tokenizer)
+
+
+def corpus_bytes_per_token(
+    tokenizer: Tokenizer,
+    spec: str,
+    split: str = "val",
+    text_field: str = "text",
+    extensions: list[str] | tuple[str, ...] | None = None,
+    max_bytes: int | None = 8 << 20,
+) -> tuple[int, int]:
+    """(UTF-8 bytes, tokens) of a corpus split (its first `max_bytes` of documents), encoded in batches."""
+    nbytes = ntok = 0
+    batch: list[str] = []
+
+    def flush() -> int:
+        n = sum(len(ids) for ids in tokenizer.encode_batch(batch)) if batch else 0
+        batch.clear()
+        return n
+
+    for doc in iter_documents(spec, split, text_field, extensions):
+        batch.append(doc.text)
+        nbytes += len(doc.text.encode("utf-8"))
+        if len(batch) >= 256:
+            ntok += flush()
+        if max_bytes is not None and nbytes >= max_bytes:
+            break
+    ntok += flush()
+    return nbytes, ntok
