@@ -1,0 +1,98 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), and the shape of its errors.
+
+Types are strict (a string where a number belongs is a 400, not silently coerced), numbers must be finite,
+every list and string that reaches the engine has a bound, and unknown fields are ignored (OpenAI clients
+send fields we do not use, such as `stream_options` extras). Field ranges follow OpenAI's documentation;
+`top_k`, `min_p` and `repetition_penalty` are extensions (as in vLLM). Responses are plain dicts built in
+app.py in OpenAI's shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch.Generator.manual_seed's range, with room for seed + j
+MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
+MAX_PROMPTS = 64  # a completions request may carry a list of prompts
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1_000_000)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    n: int | None = Field(None, ge=1, le=128)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = Field(None, max_length=256)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(max_length=1_000_000)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=256)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class InspectRequest(_Strict):
+    text: str = Field(min_length=1, max_length=100_000)
+    model: str | None = Field(None, max_length=256)
+
+
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+__all__ = [
+    "CompletionRequest",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "InspectRequest",
+    "StreamOptions",
+    "error_body",
+]
