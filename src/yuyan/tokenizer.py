@@ -162,25 +162,38 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental decoding that never emits a broken character.
 
-    Tokens accumulate until their bytes decode without a trailing replacement character (a UTF-8 sequence
-    split across tokens); then the new text is emitted. `flush()` returns whatever remains.
+    Each step decodes a short window of recent tokens twice — the already-emitted context alone and the
+    context plus the new tokens — and emits the difference once it no longer ends in a replacement character
+    (a UTF-8 sequence split across tokens). Decoding with context keeps decoders that strip a leading space
+    per call (Llama's Metaspace/Strip) exact: the joined pieces equal `decode(all ids)`. After 8 tokens
+    that still end broken (invalid bytes), the text is emitted as it is. `flush()` returns whatever remains.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.pending: list[int] = []
+        self.ids: list[int] = []  # context tokens (already emitted) followed by pending ones
+        self.read = 0  # ids[:read] are emitted context
+
+    @property
+    def pending(self) -> list[int]:
+        return self.ids[self.read :]
+
+    def _new_text(self) -> str:
+        prefix = self.tokenizer.decode(self.ids[: self.read]) if self.read else ""
+        return self.tokenizer.decode(self.ids)[len(prefix) :]
 
     def push(self, token_id: int) -> str:
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < 8:  # wait for the rest of the character
-            return ""
-        self.pending = []
+        self.ids.append(token_id)
+        text = self._new_text()
+        if (text.endswith("\ufffd") or not text) and len(self.ids) - self.read < 8:
+            return ""  # wait for the rest of the character
+        self.ids = self.ids[self.read :]  # the new tokens become the context of the next step
+        self.read = len(self.ids)
         return text
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending = []
+        text = self._new_text() if len(self.ids) > self.read else ""
+        self.ids, self.read = [], 0
         return text
 
     def __call__(self, ids: Iterable[int]) -> Iterator[str]:
