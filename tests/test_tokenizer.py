@@ -60,7 +60,9 @@ def _gpt2_style(texts) -> HFTokenizer:
     tok.train_from_iterator(
         texts,
         trainers.BpeTrainer(
-            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            vocab_size=400,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
     return tok
@@ -70,13 +72,17 @@ def _llama_style(texts) -> HFTokenizer:
     """SentencePiece-like BPE as in Llama 2's tokenizer.json: '▁' for spaces, byte fallback <0xNN>."""
     base = HFTokenizer(models.BPE(unk_token="<unk>"))
     base.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    base.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    base.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     spec = json.loads(base.to_str())
     vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
     for b in range(256):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok = HFTokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.normalizer = base.normalizer
     tok.decoder = decoders.Sequence(
@@ -104,7 +110,9 @@ def test_loads_hf_tokenizer_json_folder(style, texts, tmp_path):
         assert (tok.eot_id, tok.bos_id) == (hf.token_to_id("</s>"), hf.token_to_id("<s>"))
         assert any(hf.id_to_token(i).startswith("<0x") for i in tok.encode("😀"))  # byte fallback in use
     # no chat tokens: the plain-text template, assistant turns end with the EOT token
-    ids, mask = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    ids, mask = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    )
     learned = [i for i, m in zip(ids, mask, strict=True) if m]
     assert learned == tok.encode("yo") + tok.encode("\n") + [tok.eot_id]
 
@@ -179,4 +187,6 @@ def test_tokenizer_cli(run_cli, tmp_path):
     r = run_cli("tokenizer", "info", "--tokenizer", out, "--corpus", corpus, "--split", "all", check=True)
     assert "vocab size: 300" in r.stdout and "bytes/token on" in r.stdout
     r = run_cli("tokenizer", "encode", "--tokenizer", tmp_path / "nope", "x")
-    assert r.returncode == 2 and r.stderr.startswith("error: no tokenizer.json") and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2 and r.stderr.startswith("error: no tokenizer.json") and "Traceback" not in r.stderr
+    )
