@@ -81,7 +81,7 @@ def prepare(
     workers: int | None = None,
     progress: bool = True,
     force: bool = False,
-    batch_bytes: int = BATCH_BYTES,
+    batch_bytes: int | None = None,
 ) -> dict:
     """Tokenize corpus `spec` into `out_dir`/{train,val}.bin + meta.json; returns the meta dict.
 
@@ -178,6 +178,7 @@ def _tokenize_to(
     tmp, spec, tok, dtype, text_field, extensions, stats, workers, progress, batch_bytes
 ) -> dict:
     workers = max(1, workers or os.cpu_count() or 1)
+    batch_bytes = batch_bytes or min(16 << 20, max(BATCH_BYTES, workers << 20))
     files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLIT_NAMES}  # noqa: SIM115 (closed below)
     counts = {s: {"tokens": 0, "bytes": 0, "docs": 0} for s in SPLIT_NAMES}
     last: dict[str, tuple[str, int] | None] = dict.fromkeys(SPLIT_NAMES)  # (source, piece) of the last doc
