@@ -1,7 +1,7 @@
 """Corpus specs: turn a file, a folder, a glob, a JSONL file or `stdlib` into a stream of text documents.
 
 A spec is resolved once into a sorted file list (deterministic order on every machine), then read lazily:
-memory stays bounded whatever the corpus size, because long texts are cut into pieces of about 256 KB at a
+memory stays bounded whatever the corpus size, because long texts are cut into pieces of about 1 MB at a
 boundary where the byte-level BPE pre-tokenizer would cut anyway (a non-space character followed by
 whitespace), so tokenizing the pieces one by one gives exactly the tokens of the whole text. Files that
 cannot be read, look binary (a NUL byte in their first 8 KB) or are not UTF-8, and JSONL lines that are not
