@@ -62,9 +62,7 @@ DEFAULT_EXTENSIONS = (
 STDLIB_EXCLUDE = {"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__"}
 VAL_PERCENT = 5
 SPLIT_RULE = f"val if int(sha256(key).hexdigest(), 16) % 100 < {VAL_PERCENT}; key = path relative to the corpus root, file:line for JSONL, file#k for ~16 KB sections of a single-file corpus"
-PIECE_CHARS = (
-    1 << 18
-)  # long texts are cut into ~256 KB pieces (encodes as fast as 1 MB, spreads over more cores)
+PIECE_CHARS = 1 << 20  # long texts are cut into ~1 MB pieces (every stdlib file stays whole)
 SECTION_CHARS = 1 << 14  # a single-file corpus is split train/val by ~16 KB sections
 READ_BYTES = 1 << 20
 MAX_JSONL_LINE = 256 << 20  # a longer JSONL line is skipped, never loaded whole
