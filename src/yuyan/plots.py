@@ -64,3 +64,137 @@ def plot_confusion_matrix(matrix, labels: list[str], path: str | os.PathLike, ti
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
     return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- interpretability (yuyan.interpret)
+# Fonts that draw CJK, in order of preference; DejaVu (matplotlib's default) has no CJK glyphs.
+CJK_FONT_NAMES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN",
+                  "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "SimHei", "Microsoft YaHei",
+                  "PingFang SC", "Heiti SC", "AR PL UMing CN", "AR PL UKai CN", "Arial Unicode MS")
+
+
+def cjk_font() -> str | None:
+    """Name of an installed font that draws CJK characters, or None."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    for name in CJK_FONT_NAMES:
+        if name in installed:
+            return name
+    return next((n for n in sorted(installed) if any(k in n for k in ("CJK", "Han Sans", "Hei", "Ming", "Song"))), None)
+
+
+def token_labels(tokens: list[str], cjk: bool | None = None, max_len: int = 12) -> list[str]:
+    """Axis labels for token pieces: whitespace made visible (· for space, \\n, \\t), `$` escaped (no mathtext),
+    and, when no CJK font is installed, characters the default font lacks written as \\uXXXX."""
+    cjk = cjk_font() is not None if cjk is None else cjk
+    out = []
+    for t in tokens:
+        s = t.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace(" ", "·").replace("$", r"\$")
+        s = "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 0x7F <= ord(c) < 0xA0 else c for c in s)  # controls
+        if not cjk:
+            s = "".join(c if ord(c) < 0x2E80 else (f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+                        for c in s)
+        s = s or "∅"
+        out.append(s if len(s) <= max_len else s[: max_len - 1] + "…")
+    return out
+
+
+def _font_context():
+    font = cjk_font()
+    rc = {"font.family": [font, "DejaVu Sans"]} if font else {}
+    return plt.rc_context(rc)
+
+
+def save_figure_fixed(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Like save_figure but keeps the figure's exact size (figsize x dpi pixels), for predictable images."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def attention_figsize(n_head: int, n_tokens: int) -> tuple[float, float, int]:
+    """(width, height, columns) in inches of the head grid drawn by plot_attention_heads."""
+    cols = min(4, n_head)
+    rows = -(-n_head // cols)
+    cell = min(6.0, max(2.6, 0.16 * n_tokens + 1.0))
+    return cols * cell, rows * cell + 0.6, cols
+
+
+def plot_attention_heads(weights, tokens: list[str], path: str | os.PathLike, title: str = "attention",
+                         dpi: int = 100) -> Path:
+    """One layer's attention as a grid of heads: weights (H, T, T), rows = queries, columns = keys.
+
+    The image is exactly attention_figsize(H, T)[:2] x dpi pixels.
+    """
+    import numpy as np
+
+    w = np.asarray(weights, dtype=float)
+    H, T = w.shape[0], w.shape[-1]
+    width, height, cols = attention_figsize(H, T)
+    labels = token_labels(tokens)
+    fs = max(4.0, min(8.0, 160.0 / max(T, 1)))
+    with _font_context():
+        fig, axes = plt.subplots(-(-H // cols), cols, figsize=(width, height), squeeze=False)
+        for h, ax in enumerate(axes.flat):
+            if h >= H:
+                ax.axis("off")
+                continue
+            ax.imshow(w[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(f"head {h}", fontsize=9)
+            ax.set_xticks(range(T), labels, rotation=90, fontsize=fs)
+            ax.set_yticks(range(T), labels, fontsize=fs)
+            ax.tick_params(length=0)
+        fig.suptitle(title)
+        fig.tight_layout()
+    return save_figure_fixed(fig, path, dpi)
+
+
+def plot_logit_lens(row_names: list[str], tokens: list[str], top_tokens: list[list[str]], top_probs,
+                    path: str | os.PathLike, title: str = "logit lens", dpi: int = 100) -> Path:
+    """Grid layer x position: colour = probability of the top prediction, text = that token.
+
+    row_names: one per layer (bottom = embeddings, top = final layer); tokens: the input tokens (columns);
+    top_tokens[l][t] / top_probs (L, T): each layer's most likely next token at each position.
+    """
+    import numpy as np
+
+    p = np.asarray(top_probs, dtype=float)
+    L, T = p.shape
+    cells = token_labels([s for row in top_tokens for s in row], max_len=8)
+    with _font_context():
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.75 * T + 2), max(2.5, 0.45 * L + 1.6)))
+        im = ax.imshow(p, cmap="Blues", vmin=0.0, vmax=1.0, origin="lower", aspect="auto")
+        for i in range(L):
+            for j in range(T):
+                ax.text(j, i, cells[i * T + j], ha="center", va="center", fontsize=7,
+                        color="white" if p[i, j] > 0.6 else "black")
+        ax.set_xticks(range(T), token_labels(tokens), rotation=90, fontsize=8)
+        ax.set_yticks(range(L), row_names, fontsize=8)
+        ax.set_xlabel("input token (prediction is for the next position)")
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="top-1 probability")
+        ax.set_title(title)
+        fig.tight_layout()
+    return save_figure_fixed(fig, path, dpi)
+
+
+def plot_attribution_bars(tokens: list[str], scores, path: str | os.PathLike, title: str = "attribution",
+                          dpi: int = 100) -> Path:
+    """One bar per input token: positive scores (pushing toward the target) red, negative blue."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=float)
+    T = len(s)
+    with _font_context():
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.4 * T + 1.5), 3.6))
+        ax.bar(range(T), s, color=["#c0392b" if v >= 0 else "#2e86c1" for v in s])
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xticks(range(T), token_labels(tokens), rotation=90, fontsize=8)
+        ax.set_ylabel("attribution")
+        ax.set_title(title)
+        fig.tight_layout()
+    return save_figure_fixed(fig, path, dpi)

@@ -1,0 +1,354 @@
+"""`yuyan eval ...`: perplexity / bits per byte, BLEU, ROUGE, classification, speed, and compare.
+
+Each command is a thin call into `yuyan.evaluate`; it prints the metrics and, with `--out DIR`, writes
+`DIR/<kind>.json` and `DIR/<kind>.md` (atomic writes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from yuyan.cli import app
+from yuyan.errors import UserError
+
+eval_app = typer.Typer(
+    help="Evaluate a model: perplexity, bleu, rouge, classify, speed; compare two results.",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+
+MODEL = typer.Option(..., "--model", "-m", help="checkpoint folder, Hugging Face folder or hf:NAME")
+OUT = typer.Option(None, "--out", help="folder for the JSON result and the Markdown report")
+
+
+def _emit(result: dict, out: Path | None, name: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from yuyan.evaluate.report import _fmt, write_result
+
+    table = Table(title=f"{result['eval']} — {result.get('model') or ''}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result["metrics"].items():
+        if not isinstance(v, dict):
+            table.add_row(k, _fmt(v))
+    Console(soft_wrap=True).print(table)
+    if out is not None:
+        j, m = write_result(result, out, name)
+        print(f"wrote {j} and {m}")
+
+
+def _load(model: str):
+    from yuyan.model import load
+
+    return load(model)
+
+
+@eval_app.command("perplexity")
+def perplexity_cmd(
+    model: str = MODEL,
+    corpus: str = typer.Option(..., "--corpus", help="file, folder, glob, JSONL or 'stdlib'"),
+    split: str = typer.Option(
+        None, help="corpus split all|train|val (default: val for stdlib, all otherwise)"
+    ),
+    text_field: str = typer.Option("text", help="JSONL field that holds the text"),
+    block_size: int = typer.Option(None, help="window length in tokens (default: the model's context)"),
+    stride: int = typer.Option(
+        None, help="window step; each token keeps >= block_size - stride context (default block/2)"
+    ),
+    batch_size: int = typer.Option(8, help="windows per forward pass"),
+    max_bytes: int = typer.Option(None, help="score only the first N bytes of the corpus"),
+    out: Path = OUT,
+) -> None:
+    """Loss, perplexity and bits per byte over a corpus (sliding window for long texts).
+
+    Example: yuyan eval perplexity --model runs/demo/final --corpus stdlib --stride 128 --out runs/eval
+    """
+    from yuyan.evaluate.perplexity import perplexity
+    from yuyan.evaluate.report import make_result
+
+    split = split or ("val" if corpus == "stdlib" else "all")
+    texts = _read_corpus(corpus, split, text_field, max_bytes)
+    lm = _load(model)
+    r = perplexity(lm.model, lm.tokenizer, texts, block_size, stride, batch_size, progress=True)
+    _emit(make_result("perplexity", model, r, {"corpus": corpus, "split": split}), out)
+
+
+def _read_corpus(spec: str, split: str | None, text_field: str, max_bytes: int | None) -> list[str]:
+    """Texts of a corpus spec (yuyan.data.corpus); split defaults to val for stdlib, all for your own files."""
+    from yuyan.data.corpus import iter_documents
+
+    split = split or ("val" if spec == "stdlib" else "all")
+    texts, total = [], 0
+    for d in iter_documents(spec, split=split, text_field=text_field):
+        text = d.text
+        if max_bytes is not None and total + len(text.encode("utf-8")) > max_bytes:
+            text = text.encode("utf-8")[: max_bytes - total].decode("utf-8", errors="ignore")
+        texts.append(text)
+        total += len(text.encode("utf-8"))
+        if max_bytes is not None and total >= max_bytes:
+            break
+    if not texts:
+        raise UserError(f"corpus {spec!r} (split {split}) holds no text; check the path or pattern")
+    return texts
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"data file {path} not found; pass a JSONL file")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise UserError(f"{path}:{n} is not valid JSON; each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n} must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no rows")
+    return rows
+
+
+def _field(rows: list[dict], name: str, path: Path) -> list:
+    for n, r in enumerate(rows, 1):
+        if name not in r:
+            raise UserError(
+                f"{path} row {n} has no {name!r} field (fields: {sorted(r)}); name it with the --*-field options"
+            )
+    return [r[name] for r in rows]
+
+
+def _pairs(
+    model, data, predictions, prompt_field, reference_field, prediction_field, gen
+) -> tuple[list, list, dict]:
+    """(predictions, references, settings) from --predictions FILE or by generating from --data FILE."""
+    if (data is None) == (predictions is None):
+        raise UserError(
+            "pass exactly one of --data FILE (prompts to generate from) or --predictions FILE (given outputs)"
+        )
+    if predictions is not None:
+        rows = _read_jsonl(predictions)
+        return (
+            [str(p) for p in _field(rows, prediction_field, predictions)],
+            _field(rows, reference_field, predictions),
+            {"predictions": str(predictions)},
+        )
+    if model is None:
+        raise UserError("--data needs --model to generate predictions; or pass --predictions FILE")
+    rows = _read_jsonl(data)
+    prompts = [str(p) for p in _field(rows, prompt_field, data)]
+    refs = _field(rows, reference_field, data)
+    from yuyan.generate import GenerationConfig, generate
+
+    lm = _load(model)
+    cfg = GenerationConfig(**gen)
+    outs = generate(lm.model, lm.tokenizer, prompts, cfg)
+    return [o[0].text.strip() for o in outs], refs, {"data": str(data), **gen}
+
+
+def _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed) -> dict:
+    return {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "num_beams": beams,
+        "seed": seed,
+    }
+
+
+def _text_metric(
+    kind, model, data, predictions, tokenize, prompt_field, reference_field, prediction_field, gen, out
+):
+    from yuyan.evaluate.report import make_result
+    from yuyan.evaluate.text_metrics import bleu, rouge
+
+    preds, refs, settings = _pairs(
+        model, data, predictions, prompt_field, reference_field, prediction_field, gen
+    )
+    if kind == "bleu":
+        r = bleu(preds, refs, tokenize)
+    else:
+        r = rouge(preds, refs)
+    r["examples"] = len(preds)
+    _emit(make_result(kind, model, r, settings), out)
+
+
+_DATA = typer.Option(None, "--data", help="JSONL with prompt and reference fields: generate, then score")
+_PRED = typer.Option(None, "--predictions", help="JSONL with prediction and reference fields: score as given")
+_PF = typer.Option("prompt", help="prompt field in --data")
+_RF = typer.Option("reference", help="reference field (a string or a list of strings)")
+_XF = typer.Option("prediction", help="prediction field in --predictions")
+_NT = typer.Option(64, help="tokens to generate per prompt")
+_T = typer.Option(0.0, help="sampling temperature (0: greedy)")
+_K = typer.Option(0, help="top-k (0: off)")
+_P = typer.Option(1.0, help="top-p (1: off)")
+_B = typer.Option(1, help="beam search width (1: off)")
+_S = typer.Option(0, help="random seed for sampling")
+
+
+@eval_app.command("bleu")
+def bleu_cmd(
+    model: str = typer.Option(None, "--model", "-m", help="model to generate with (needed with --data)"),
+    data: Path = _DATA,
+    predictions: Path = _PRED,
+    tokenize: str = typer.Option(
+        None, help="sacrebleu tokenizer 13a|zh|intl (default: zh if references hold CJK, else 13a)"
+    ),
+    prompt_field: str = _PF,
+    reference_field: str = _RF,
+    prediction_field: str = _XF,
+    max_new_tokens: int = _NT,
+    temperature: float = _T,
+    top_k: int = _K,
+    top_p: float = _P,
+    beams: int = _B,
+    seed: int = _S,
+    out: Path = OUT,
+) -> None:
+    """Corpus BLEU (sacrebleu) of generated or given outputs against references.
+
+    Example: yuyan eval bleu --predictions preds.jsonl --tokenize zh --out runs/eval
+    """
+    _text_metric(
+        "bleu",
+        model,
+        data,
+        predictions,
+        tokenize,
+        prompt_field,
+        reference_field,
+        prediction_field,
+        _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed),
+        out,
+    )
+
+
+@eval_app.command("rouge")
+def rouge_cmd(
+    model: str = typer.Option(None, "--model", "-m", help="model to generate with (needed with --data)"),
+    data: Path = _DATA,
+    predictions: Path = _PRED,
+    prompt_field: str = _PF,
+    reference_field: str = _RF,
+    prediction_field: str = _XF,
+    max_new_tokens: int = _NT,
+    temperature: float = _T,
+    top_k: int = _K,
+    top_p: float = _P,
+    beams: int = _B,
+    seed: int = _S,
+    out: Path = OUT,
+) -> None:
+    """ROUGE-1/2/L (rouge-score, CJK characters kept as tokens) of generated or given outputs.
+
+    Example: yuyan eval rouge --model runs/sum/final --data test.jsonl --max-new-tokens 60 --out runs/eval
+    """
+    _text_metric(
+        "rouge",
+        model,
+        data,
+        predictions,
+        None,
+        prompt_field,
+        reference_field,
+        prediction_field,
+        _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed),
+        out,
+    )
+
+
+@eval_app.command("classify")
+def classify_cmd(
+    model: str = MODEL,
+    data: Path = typer.Option(..., "--data", help="CSV or JSONL with text and label columns"),
+    text_field: str = typer.Option("text", help="text column"),
+    label_field: str = typer.Option("label", help="label column"),
+    batch_size: int = typer.Option(32, help="texts per forward pass"),
+    out: Path = OUT,
+) -> None:
+    """Accuracy, macro-F1 and confusion matrix of a fine-tuned classifier.
+
+    Example: yuyan eval classify --model runs/sentiment/final --data test.csv --out runs/eval
+    """
+    from yuyan.evaluate.classify import evaluate_classifier, read_labelled
+    from yuyan.evaluate.report import make_result
+    from yuyan.model.heads import Classifier
+
+    examples = read_labelled(data, text_field, label_field)
+    clf = Classifier.from_pretrained(model)
+    r = evaluate_classifier(clf, examples, batch_size)
+    _emit(make_result("classify", model, r, {"data": str(data)}), out)
+    print("confusion (rows: true, columns: predicted; order " + ", ".join(r["labels"]) + ")")
+    for lab, row in zip(r["labels"], r["confusion"], strict=True):
+        print(f"  {lab:>12} " + " ".join(f"{v:6d}" for v in row))
+
+
+@eval_app.command("speed")
+def speed_cmd(
+    model: str = MODEL,
+    prompt_len: int = typer.Option(None, help="prompt tokens (default 32, less for short contexts)"),
+    new_tokens: int = typer.Option(None, help="tokens to decode (default 64)"),
+    batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes"),
+    repeats: int = typer.Option(2, help="timed runs per batch size (the best is reported)"),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+    out: Path = OUT,
+) -> None:
+    """Time to first token, decode tokens/s at batch 1 and 8, peak memory, parameters, FLOPs per token.
+
+    Example: yuyan eval speed --model runs/demo/final --out runs/eval
+    """
+    import torch
+
+    from yuyan.evaluate.report import make_result
+    from yuyan.evaluate.speed import speed
+    from yuyan.model import load
+
+    try:
+        sizes = tuple(int(x) for x in batch_sizes.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--batch-sizes {batch_sizes!r} must be comma-separated integers, e.g. 1,8") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError("--batch-sizes needs positive integers, e.g. 1,8")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm = load(model, dev)
+    r = speed(lm.model, prompt_len, new_tokens, sizes, repeats)
+    _emit(make_result("speed", model, r), out)
+
+
+@eval_app.command("compare")
+def compare_cmd(
+    a: Path = typer.Argument(..., help="first result JSON"),
+    b: Path = typer.Argument(..., help="second result JSON"),
+    out: Path = OUT,
+) -> None:
+    """Two results side by side with differences (B − A and relative).
+
+    Example: yuyan eval compare runs/a/perplexity.json runs/b/perplexity.json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from yuyan.evaluate.report import _fmt, atomic_write_text, compare, compare_markdown
+
+    cmp = compare(a, b)
+    t = Table(title=f"A: {cmp['a']['model']}  vs  B: {cmp['b']['model']}")
+    for col in ("metric", "A", "B", "B − A", "relative"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for r in cmp["rows"]:
+        rel = f"{100 * r['rel']:+.2f}%" if r["rel"] is not None else ""
+        diff = f"{r['diff']:+.4g}" if r["diff"] is not None else ""
+        t.add_row(r["metric"], _fmt(r["a"]), _fmt(r["b"]), diff, rel)
+    Console(soft_wrap=True).print(t)
+    if out is not None:
+        j = atomic_write_text(
+            Path(out) / "compare.json", json.dumps(cmp, indent=2, ensure_ascii=False) + "\n"
+        )
+        m = atomic_write_text(Path(out) / "compare.md", compare_markdown(cmp))
+        print(f"wrote {j} and {m}")
