@@ -210,7 +210,7 @@ def test_sentiment_classifier_reaches_90_percent_on_held_out_words(tmp_path, tok
         base,
         tmp_path / "run",
         FinetuneOptions(task="classify", data=str(data)),
-        _cfg(250, every=125),
+        _cfg(250),
         quiet=True,
     )
     assert res["final"]["accuracy"] >= 0.9 and Path(res["confusion_png"]).stat().st_size > 0
@@ -280,7 +280,11 @@ def test_sft_teaches_a_response_format(tmp_path, tokenizer):
     ]
     assert not any(_greedy(lm.model, tokenizer, p).startswith("ANSWER:") for p in held)
     res = finetune(
-        base, tmp_path / "run", FinetuneOptions(task="sft", data=str(data)), _cfg(300, batch=8), quiet=True
+        base,
+        tmp_path / "run",
+        FinetuneOptions(task="sft", data=str(data)),
+        _cfg(200, lr=5e-3, batch=8),
+        quiet=True,
     )
     tuned = load_checkpoint(res["final_dir"]).model
     outs = [_greedy(tuned, tokenizer, p) for p in held]
@@ -329,7 +333,7 @@ def test_lora_finetune_saves_adapter_and_merged_model_and_resumes(tmp_path, toke
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_finetune_classify_lora_and_errors(tmp_path, tokenizer, run_cli):
+def test_cli_finetune_classify_lora_and_errors(tmp_path, tokenizer, run_cli, capsys):
     train, held = sentiment_data()
     csv_path = tmp_path / "s.csv"
     csv_path.write_text(
@@ -374,15 +378,18 @@ def test_cli_finetune_classify_lora_and_errors(tmp_path, tokenizer, run_cli):
     via_adapter = Classifier.from_pretrained(out / "adapter")
     texts = [r["text"] for r in held[:6]]
     assert [p[0] for p in via_adapter.predict(texts)] == [p[0] for p in clf.predict(texts)]
-    bad = run_cli(
-        "finetune", "--model", base, "--task", "classify", "--data", csv_path, "--out", tmp_path / "x"
+    from tests.test_apps import _cli
+
+    code, _, err = _cli(
+        capsys, "finetune", "--model", base, "--task", "classify", "--data", csv_path, "--out", tmp_path / "x"
     )
-    assert bad.returncode == 2 and "error: " in bad.stderr and "--text-field" in bad.stderr
-    assert "Traceback" not in bad.stderr
-    bad2 = run_cli("finetune", "--model", base, "--task", "nope", "--data", csv_path, "--out", tmp_path / "y")
-    assert bad2.returncode == 2 and "lm, sft, classify" in bad2.stderr
-    h = run_cli("finetune", "--help")
-    assert h.returncode == 0 and "Example" in h.stdout
+    assert code == 2 and err.startswith("error: ") and "--text-field" in err and "Traceback" not in err
+    code, _, err = _cli(
+        capsys, "finetune", "--model", base, "--task", "nope", "--data", csv_path, "--out", tmp_path / "y"
+    )
+    assert code == 2 and "lm, sft, classify" in err
+    code, out_text, _ = _cli(capsys, "finetune", "--help")
+    assert code == 0 and "Example" in out_text
 
 
 # ---------------------------------------------------------------------------------------------- docstring task
