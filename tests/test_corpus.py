@@ -184,3 +184,24 @@ def test_single_file_is_split_into_sections(tmp_path, monkeypatch):
     # a small file: one section, in train
     (tmp_path / "tiny.txt").write_text("tiny")
     assert [(d.text, d.split) for d in iter_documents(str(tmp_path / "tiny.txt"))] == [("tiny", "train")]
+
+
+def test_huge_single_line_file_is_read_in_bounded_memory(tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(C, "READ_BYTES", 1 << 16)
+    f = tmp_path / "line.txt"
+    word = "语言 model token "
+    with open(f, "w", encoding="utf-8") as fh:
+        for _ in range(500):
+            fh.write(word * 1000)  # ~10 MB, no newline at all
+    size = f.stat().st_size
+    tracemalloc.start()
+    n = total = 0
+    for d in iter_documents(str(f)):
+        n += 1
+        total += len(d.text.encode())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert total == size and n > 100
+    assert peak < size / 10  # never the whole file in memory (the peak does not grow with the file)

@@ -225,3 +225,17 @@ def test_prepare_cli(run_cli, tmp_path, tokenizer):
     assert "up to date" in r.stdout
     r = run_cli("prepare", "--corpus", "stdlb", "--tokenizer", tmp_path / "tok", "--out", out)
     assert r.returncode == 2 and r.stderr.startswith("error: corpus 'stdlb'") and "Traceback" not in r.stderr
+
+
+def test_special_token_text_in_documents_stays_text(tmp_path, tokenizer):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"{i}.txt").write_text(f"doc {i} mentions {EOT} and <|user|> as text")
+    meta = prepare(str(corpus), tokenizer, tmp_path / "d", progress=False)
+    sh = TokenShards(tmp_path / "d")
+    for s in ("train", "val"):
+        ids = sh.array(s).tolist()
+        assert ids.count(tokenizer.eot_id) == meta["splits"][s]["docs"]  # only the separators
+        assert tokenizer.token_to_id("<|user|>") not in ids
+        assert _decoded(tokenizer, sh, s) == "".join(d.text + EOT for d in iter_documents(str(corpus), s))

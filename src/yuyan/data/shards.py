@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from yuyan.data.corpus import SPLIT_RULE, CorpusStats, corpus_fingerprint, corpus_size, iter_documents
 from yuyan.errors import UserError
@@ -48,6 +49,14 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 def _as_tokenizer(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:
     return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+
+
+def _ordinary(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy that encodes special-token strings found in documents as plain text (like tiktoken's
+    encode_ordinary): a corpus that mentions "<|endoftext|>" must not inject real end-of-text tokens."""
+    hf = HFTokenizer.from_str(tokenizer.to_str())
+    hf.encode_special_tokens = True
+    return Tokenizer(hf)
 
 
 def _fingerprint(tokenizer: Tokenizer) -> str:
@@ -119,7 +128,7 @@ def prepare(
     stats = CorpusStats()
     try:
         counts = _tokenize_to(
-            tmp, spec, tok, dtype, text_field, extensions, stats, workers, progress, batch_bytes
+            tmp, spec, _ordinary(tok), dtype, text_field, extensions, stats, workers, progress, batch_bytes
         )
         if counts["train"]["tokens"] == 0:
             raise UserError(
@@ -379,6 +388,7 @@ def corpus_bytes_per_token(
     """(UTF-8 bytes, tokens) of a corpus split (its first `max_bytes` of documents), encoded in batches."""
     nbytes = ntok = 0
     batch: list[str] = []
+    tokenizer = _ordinary(tokenizer)
 
     def flush() -> int:
         n = sum(len(ids) for ids in tokenizer.encode_batch(batch)) if batch else 0
