@@ -103,6 +103,8 @@ def prepare(
             "the tokenizer has no end-of-text token (<|endoftext|> or </s>); train one with `yuyan tokenizer train`"
         )
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for train.bin, val.bin and meta.json")
     dtype = dtype_for(tok.vocab_size)
     want = {
         "format": FORMAT,
