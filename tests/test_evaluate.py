@@ -26,6 +26,15 @@ EN_REF = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Width-32 models: one thread is fastest, and it does not stall when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_perplexity_equals_exp_mean_nll_by_hand(tiny_model, tokenizer):
     texts = ["def f(x):\n    return x + 1\n", "语言模型是一种概率模型。", "The quick brown fox."]
     r = perplexity(tiny_model, tokenizer, texts)
