@@ -39,12 +39,18 @@ def serve_cmd(
         False, "--insecure", help="allow a non-loopback address without an API key"
     ),
     device: str = typer.Option(None, help="torch device (default: cpu)"),
+    threads: int = typer.Option(
+        1,
+        help="torch CPU threads for decoding (0: torch's default); 1 leaves cores for HTTP "
+        "and measured fastest for small models on a busy 2-core machine (BENCHMARKS.md)",
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Serve a model over OpenAI's API (/v1/completions, /v1/chat/completions) with a playground at /.
 
     Example: yuyan serve --model runs/demo --port 8000   then open http://127.0.0.1:8000/
     """
+    import sys
     from pathlib import Path
 
     import uvicorn
@@ -75,6 +81,9 @@ def serve_cmd(
         max_n=max_n,
         max_connections=max_connections,
     )
+    # the scheduler thread and the HTTP event loop hand the GIL to each other at every token; Python's
+    # default 5 ms switch interval made each wait up to 5 ms (measured: 1-client tokens/s x1.9 at 0.5 ms)
+    sys.setswitchinterval(0.0005)
     server_app = create_app(lm, cfg)
     print(
         f"yuyan serve: model {cfg.model_name!r} at http://{host}:{port}/ (playground), "

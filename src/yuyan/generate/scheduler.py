@@ -148,6 +148,7 @@ class Scheduler:
         max_batch: int = 16,
         max_queue: int = 64,
         max_len: int | None = None,
+        threads: int | None = None,
     ):
         if max_batch < 1 or max_queue < 0:
             raise UserError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -155,6 +156,9 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or model.config.block_size, model.config.block_size)
+        # torch's CPU threads (process-wide): small-batch decode is matrix-vector work that one core does
+        # as fast as two, and spare cores keep the HTTP loop responsive; None leaves torch's setting
+        self.threads = threads
         self.device = next(model.parameters()).device
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
@@ -264,6 +268,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             cfg = self.model.config
             dtype = self.model.embed_tokens.weight.dtype

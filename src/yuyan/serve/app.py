@@ -57,6 +57,7 @@ class ServeConfig:
     max_n: int = 8  # most completions (n x prompts) per request
     max_connections: int = 128  # requests in flight (besides /health); more get 429
     inspect_max_tokens: int = 128  # the attention view keeps the last this-many tokens
+    threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's setting
 
     def __repr__(self) -> str:  # never show the key
         fields = {k: ("***" if k == "api_key" and v else v) for k, v in self.__dict__.items()}
@@ -200,7 +201,9 @@ def create_app(lm, config: ServeConfig | None = None, scheduler: Scheduler | Non
     config = config or ServeConfig()
     model, tok = lm.model, lm.tokenizer
     own = scheduler is None
-    sched = scheduler or Scheduler(model, tok, max_batch=config.max_batch, max_queue=config.max_queue)
+    sched = scheduler or Scheduler(
+        model, tok, max_batch=config.max_batch, max_queue=config.max_queue, threads=config.threads
+    )
     context = sched.max_len
     token_limit = min(config.max_tokens_limit or context, context)  # the default max_tokens is capped by it
     created = int(time.time())
