@@ -68,8 +68,9 @@ def build_task(lm, opts: FinetuneOptions, out: Path, cfg: TrainConfig):
         from yuyan.train.loop import LMTask
 
         shards_dir = out / "data"
-        if not (shards_dir / "meta.json").exists():
-            prepare(opts.data, tok, shards_dir)
+        prepare(
+            opts.data, tok, shards_dir, text_field=opts.text_field, progress=False
+        )  # a no-op when up to date
         return LMTask(
             TokenShards(shards_dir),
             block,
