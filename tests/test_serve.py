@@ -344,6 +344,41 @@ def test_queue_full_gives_429_with_retry_after(tokenizer):
         assert r.status_code == 200
 
 
+def test_in_flight_bound_gives_429_and_health_still_answers(tokenizer):
+    with serve(tokenizer, max_connections=1) as (base, lm, app):
+        sched = app.state.scheduler
+        gate = _hold(sched)
+        first: list = []
+        t = threading.Thread(
+            target=lambda: first.append(
+                httpx.post(
+                    base + "/v1/completions",
+                    json={"model": "tiny", "prompt": "x", "max_tokens": 2},
+                    timeout=60,
+                )
+            )
+        )
+        try:
+            t.start()
+            t0 = time.monotonic()
+            while (
+                sched.stats()["waiting"] < 1
+            ):  # the first request is in flight, queued behind the parked thread
+                assert time.monotonic() - t0 < 30
+                time.sleep(0.01)
+            r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            assert (
+                r.status_code == 429
+                and r.headers["Retry-After"]
+                and r.json()["error"]["code"] == "too_many_requests"
+            )
+            assert httpx.get(base + "/health").status_code == 200  # /health is never limited
+        finally:
+            gate.set()
+            t.join(60)
+        assert first[0].status_code == 200
+
+
 # ------------------------------------------------------------------------------------------ the command
 def test_serve_cli_refuses_public_bind_and_serves(run_cli, tokenizer, tmp_path):
     tiny_checkpoint = save_checkpoint(tmp_path / "tiny-ckpt", tiny_lm(tokenizer).model, tokenizer)
