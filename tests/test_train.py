@@ -259,3 +259,138 @@ def test_max_time_fits_the_schedule_to_the_budget(tmp_path):
     last_train = [r for r in rows if r["split"] == "train"][-1]
     assert last_train["step"] == res["step"]
     assert last_train["lr"] == pytest.approx(3e-4, rel=0.05)  # decayed to min_lr at the end
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    """One ~100 KB Python file: a single-file corpus is cut into sections, so it always has a val split."""
+    from conftest import small_texts
+
+    f = tmp_path_factory.mktemp("corpus") / "corpus.py"
+    f.write_text("".join(small_texts()[:12])[:100_000], encoding="utf-8")
+    return f
+
+
+TINY = [
+    "--data.vocab_size",
+    "300",
+    "--model.n_layer",
+    "1",
+    "--model.d_model",
+    "32",
+    "--model.n_head",
+    "2",
+    "--model.block_size",
+    "32",
+    "--train.batch_size",
+    "4",
+]
+
+
+def test_train_cli_runs_resumes_and_rejects_unknown_settings(run_cli, tmp_path, corpus_file):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        ROOT / "configs" / "demo.toml",
+        "--data.corpus",
+        corpus_file,
+        *TINY,
+        "--train.max_time",
+        "0",
+        "--train.max_steps",
+        "4",
+        "--eval.every",
+        "2",
+        "--checkpoint.dir",
+        out,
+    ]
+    run_cli(*args, check=True)
+    assert (out / "final" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()
+    assert (out / "data" / "meta.json").exists()
+    tok_mtime = (out / "tokenizer" / "tokenizer.json").stat().st_mtime
+    # again without --resume: refused, the folder holds a run
+    p = run_cli(*args)
+    assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
+    # --resume continues the run (tokenizer and shards reused)
+    run_cli(
+        *args[:-4],
+        "--train.max_steps",
+        "6",
+        "--eval.every",
+        "2",
+        "--checkpoint.dir",
+        out,
+        "--resume",
+        check=True,
+    )
+    assert (out / "tokenizer" / "tokenizer.json").stat().st_mtime == tok_mtime
+    assert json.loads((out / "final" / "state.json").read_text())["step"] == 6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.lrr", "3e-4"], "unknown setting --train.lrr"),
+        (["--train.schedule", "linear"], "cosine or wsd"),
+        (["--config", "/nonexistent/x.toml"], "not found"),
+    ],
+)
+def test_train_cli_bad_settings_are_one_line_errors(args, message, capsys):
+    from yuyan.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.startswith("error:") and err.count("\n") == 1
+
+
+def test_demo_cli_end_to_end(run_cli, tmp_path, corpus_file):
+    out = tmp_path / "demo"
+    p = run_cli(
+        "demo",
+        "--minutes",
+        "0.05",
+        "--out",
+        out,
+        "--corpus",
+        corpus_file,
+        *TINY,
+        "--eval.every",
+        "2",
+        check=True,
+    )
+    assert "held-out bits per byte:" in p.stdout
+    for f in [
+        "tokenizer/tokenizer.json",
+        "data/train.bin",
+        "final/model.safetensors",
+        "loss_curve.png",
+        "samples.txt",
+        "attention/attention_layer0.png",
+        "metrics.jsonl",
+    ]:
+        assert (out / f).exists(), f
+        assert str(out / f.split("/")[0]) in p.stderr or str(out / f) in p.stderr  # the summary names it
+    samples = (out / "samples.txt").read_text()
+    assert "def fibonacci(n):" in samples and "class Stack:" in samples
+    bpb = float(p.stdout.split("held-out bits per byte:")[1].split()[0])
+    assert 0 < bpb < 10
+
+
+def test_config_files_load_and_demo_toml_matches_the_demo():
+    from yuyan.train.demo import demo_config
+    from yuyan.train.pretrain import build_model, load_train_config
+
+    for name in ("demo", "gpt2-124m", "llama-small"):
+        cfg = load_train_config(ROOT / "configs" / f"{name}.toml")
+        with torch.device("meta"):
+            model = build_model(cfg, cfg.data.vocab_size)
+        assert model.num_params() > 0
+    assert load_train_config(ROOT / "configs" / "demo.toml") == demo_config(5.0)
+    with torch.device("meta"):
+        assert (
+            120e6
+            < build_model(load_train_config(ROOT / "configs" / "gpt2-124m.toml"), 50257).num_params()
+            < 130e6
+        )

@@ -42,36 +42,25 @@ def prepare_tokenizer(cfg: TrainConfig, out: Path, info: D.DistInfo):
         if info.is_main:
             from yuyan.data.corpus import iter_documents
 
-            docs = iter_documents(cfg.data.corpus, split="train")
+            docs = (d.text for d in iter_documents(cfg.data.corpus, split="train"))
             Tokenizer.train(docs, vocab_size=cfg.data.vocab_size, show_progress=False).save(tok_dir)
         D.barrier(info)
     return Tokenizer.load(tok_dir), tok_dir
 
 
 def prepare_shards(cfg: TrainConfig, tokenizer, out: Path, info: D.DistInfo):
-    """Open the configured shards, or tokenize the corpus into <out>/data (rank 0)."""
+    """Open the configured shards, or tokenize the corpus into <out>/data (rank 0; a no-op when up to date)."""
     from yuyan.data.shards import TokenShards, prepare
 
-    shards_dir = Path(cfg.data.shards) if cfg.data.shards else out / "data"
-    if not (shards_dir / "meta.json").exists():
-        if cfg.data.shards:
-            raise UserError(
-                f"no token shards in {shards_dir}; make them with `yuyan prepare` or leave data.shards empty"
-            )
+    if cfg.data.shards:
+        shards_dir = Path(cfg.data.shards)
+    else:
+        shards_dir = out / "data"
         if info.is_main:
             prepare(cfg.data.corpus, tokenizer, shards_dir)
         D.barrier(info)
     shards = TokenShards(shards_dir)
-    fp = (
-        shards.meta.get("tokenizer_fingerprint") or shards.meta.get("tokenizer", {}).get("fingerprint")
-        if isinstance(shards.meta.get("tokenizer"), dict)
-        else shards.meta.get("tokenizer_fingerprint")
-    )
-    if fp and fp != tokenizer.fingerprint():
-        raise UserError(
-            f"the shards in {shards_dir} were made with another tokenizer; delete them or point "
-            "data.shards at shards made with this tokenizer"
-        )
+    shards.check_tokenizer(tokenizer)
     return shards, shards_dir
 
 
