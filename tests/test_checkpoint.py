@@ -84,6 +84,7 @@ def test_save_load_round_trip(tmp_path, tokenizer, family):
 # ------------------------------------------------------------------------------------------------ pickles
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_code_running_pickles_never_run(tmp_path, tokenizer):
     live = tmp_path / "proof-the-payload-works"
     pickle.loads(pickle.dumps(Evil(live)))  # an ordinary unpickle runs it ...

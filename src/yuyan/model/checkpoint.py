@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -236,6 +237,14 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None =
     return LanguageModel(model, tokenizer, p, meta, extra)
 
 
+def unpickle_refusal(e: Exception) -> str:
+    """The one useful line of torch.load(weights_only=True)'s long error, e.g. "Unsupported global: exec"."""
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\.\s|$)", msg, re.M)
+    line = m.group(1) if m else re.split(r"\.\s", (msg.strip().splitlines() or [type(e).__name__])[0])[0]
+    return line[:160]
+
+
 def load_trainer_state(path: str | os.PathLike) -> dict | None:
     f = Path(path) / "trainer_state.pt"
     if not f.exists():
@@ -243,4 +252,4 @@ def load_trainer_state(path: str | os.PathLike) -> dict | None:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{f} cannot be loaded safely ({str(e).splitlines()[0][:160]}); it is corrupt or not ours") from None
+        raise UserError(f"{f} cannot be loaded safely ({unpickle_refusal(e)}); it is corrupt or not ours") from None

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from yuyan.model.checkpoint import (
     build_model,
     check_tokenizer,
     read_config,
+    unpickle_refusal,
     verify_manifest,
     write_json,
 )
@@ -96,6 +98,11 @@ def _entries(table: list[Key], model: Transformer):
                 yield key.hf.format(i=i), names, key.conv1d
 
 
+def _listing(label: str, names: list[str], limit: int = 8) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return f"{label} {names[:limit]}{more}" if names else ""
+
+
 def hf_to_ours(sd: dict[str, torch.Tensor], model: Transformer, model_type: str, source: str) -> dict:
     """Map an HF state dict to ours (import); clear errors name missing and unexpected tensors."""
     table = TABLES[FAMILY[model_type]]
@@ -112,6 +119,10 @@ def hf_to_ours(sd: dict[str, torch.Tensor], model: Transformer, model_type: str,
         if hf not in sd:
             missing.append(hf)
             continue
+        if sd[hf].dim() != ours_sd[names[0]].dim():
+            raise UserError(
+                f"{source}: {hf} has shape {tuple(sd[hf].shape)}; config.json does not match the weights"
+            )
         t = sd[hf].t() if conv1d else sd[hf]
         sizes = [ours_sd[n].shape[0] for n in names]
         if len(names) > 1 and t.shape[0] != sum(sizes):
@@ -123,15 +134,7 @@ def hf_to_ours(sd: dict[str, torch.Tensor], model: Transformer, model_type: str,
         used.add(hf)
     unexpected = sorted(k for k in sd if k not in used and not IGNORED.search(k))
     if missing or unexpected:
-        parts = [
-            f"missing {missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-            if missing
-            else "",
-            f"unexpected {unexpected[:8]}"
-            + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
-            if unexpected
-            else "",
-        ]
+        parts = [_listing("missing", missing), _listing("unexpected", unexpected)]
         raise UserError(
             f"weights in {source} do not fit a {model_type} model of its config.json: "
             + "; ".join(p for p in parts if p)
@@ -302,11 +305,11 @@ def _safe_name(folder: Path, name: object, index: Path) -> Path:
 
 def _load_torch_bin(f: Path) -> dict[str, torch.Tensor]:
     try:
-        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs the zip format of torch.save; files from torch < 1.6 are plain (restricted) pickles
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
     except Exception as e:  # UnpicklingError for code-running pickles, RuntimeError for bad zips
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(
-            f"{f} was refused by the safe (weights-only) loader ({first}); "
+            f"{f} was refused by the safe (weights-only) loader ({unpickle_refusal(e)}); "
             "it is corrupt or carries code: use a model.safetensors copy"
         ) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -432,7 +435,10 @@ def hf_family(config: ModelConfig) -> str:
     )
 
 
-def ours_config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer) -> dict:
+def ours_config_to_hf(
+    c: ModelConfig, family: str, tokenizer: Tokenizer, model_dtype: torch.dtype = torch.float32
+) -> dict:
+    dtype = str(model_dtype).removeprefix("torch.")
     ids = dict(
         bos_token_id=tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id,
         eos_token_id=tokenizer.eot_id,
@@ -456,7 +462,7 @@ def ours_config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer) -> dict
             initializer_range=0.02,
             scale_attn_weights=True,
             tie_word_embeddings=c.tie_embeddings,
-            torch_dtype="float32",
+            torch_dtype=dtype,
             **ids,
         )
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
@@ -478,7 +484,7 @@ def ours_config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer) -> dict
         attention_dropout=c.dropout,
         tie_word_embeddings=c.tie_embeddings,
         initializer_range=0.02,
-        torch_dtype="float32",
+        torch_dtype=dtype,
         **ids,
     )
     if family == "llama":
@@ -549,7 +555,7 @@ def export_hf(
         raise UserError(f"rope_scaling is only exported for llama models, not {auto}")
     check_tokenizer(tokenizer, model.config, "the export")
     sd = ours_to_hf(model, auto)
-    config = ours_config_to_hf(model.config, auto, tokenizer)
+    config = ours_config_to_hf(model.config, auto, tokenizer, model.embed_tokens.weight.dtype)
     tok_cfg, special = _tokenizer_files(tokenizer, model.config.block_size)
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
