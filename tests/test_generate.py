@@ -280,3 +280,16 @@ def test_penalties_change_greedy_output():
     )[0][0].token_ids
     assert len(set(pen)) == 20 and 1 not in pen and 2 not in pen  # nothing seen may repeat
     assert len(set(plain)) < 20
+
+
+def test_split_lm_head_equals_plain(monkeypatch):
+    import yuyan.generate.engine as eng
+
+    model = _model("gpt2")
+    h = torch.randn(1, 32)
+    monkeypatch.setattr(eng, "SPLIT_MIN_ROWS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert eng._split_ok(model, h)
+    torch.testing.assert_close(eng._logits(model, h), model.lm_head(h), atol=1e-6, rtol=0)
+    cfg = GenerationConfig(max_new_tokens=8, **GREEDY)
+    assert generate(model, None, [[1, 2, 3]], cfg)[0][0].token_ids == generate_naive(model, [1, 2, 3], 8)

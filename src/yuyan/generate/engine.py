@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from yuyan.errors import UserError
 from yuyan.generate.sampling import (
@@ -143,9 +146,37 @@ def _cache_dtype(model: Transformer) -> torch.dtype:
     return model.embed_tokens.weight.dtype
 
 
+_POOL: ThreadPoolExecutor | None = None
+SPLIT_LM_HEAD = True  # measured switch (BENCHMARKS.md "## Generation"): two-thread lm_head matvec on CPU
+SPLIT_MIN_ROWS = 8192  # smaller heads are cheap enough that a thread hand-off costs more than it saves
+
+
+def _split_ok(model: Transformer, h: torch.Tensor) -> bool:
+    """MKL runs a one-row matrix-vector product on one core; GPT-2's lm_head (154 MB) then reads memory at
+    single-core speed. Two halves on two threads (torch ops release the GIL) use both cores (PERF-NOTES)."""
+    head = model.lm_head
+    return (
+        SPLIT_LM_HEAD
+        and h.device.type == "cpu"
+        and h.shape[0] <= 2
+        and type(head) is nn.Linear
+        and head.weight.shape[0] >= SPLIT_MIN_ROWS
+        and torch.get_num_threads() >= 2
+    )
+
+
 def _logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
     """lm_head on gathered hidden rows (B, d) -> float32 logits (B, V)."""
-    return model.lm_head(h).float()
+    global _POOL
+    if not _split_ok(model, h):
+        return model.lm_head(h).float()
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="yuyan-lm-head")
+    w = model.lm_head.weight.detach()  # grad mode is per thread: the worker must not record autograd
+    half = w.shape[0] // 2
+    other = _POOL.submit(F.linear, h.detach(), w[half:])
+    first = F.linear(h, w[:half])
+    return torch.cat((first, other.result()), dim=-1).float()
 
 
 def prepare_prompts(

@@ -1,0 +1,144 @@
+"""Decode speed: yuyan's engine against transformers' `generate` on the same GPT-2 124M-shaped weights.
+
+Random weights (nothing is downloaded), fp32, CPU, a 32-token prompt and 128 new tokens, greedy, no
+end-of-text stop. Decode tokens/s = batch * 127 / (time(128 new tokens) - time(1 new token)), so prefill
+is excluded. Also prints the memory-bandwidth roofline (parameter bytes read per step over a measured copy
+bandwidth) and our fraction of it, and the int8 (`quantize_int8`) speed-up over fp32.
+
+    .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--repeats 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from functools import partial
+
+import torch
+
+from yuyan.generate import GenerationConfig, generate
+from yuyan.model.hf import hf_to_ours
+from yuyan.model.quantize import quantize_int8
+from yuyan.model.transformer import Transformer, preset
+
+
+def copy_bandwidth(mb: int = 512) -> float:
+    """Bytes moved per second by a large copy (read + write), best of 5."""
+    a = torch.ones(mb * 2**20 // 4)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def decode_rate(run, batch: int, new: int, repeats: int) -> float:
+    """Decode tokens/s: the time of `new` tokens minus the time of 1 (prefill + first token)."""
+    run(2)  # warm-up
+    t_full = timed(lambda: run(new), repeats)
+    t_one = timed(lambda: run(1), repeats)
+    return batch * (new - 1) / (t_full - t_one)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--batches", default="1,8")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = preset("gpt2")
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.block_size,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+        )
+    ).eval()
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(
+        hf_to_ours(hf.state_dict(), ours, "gpt2", "benchmark"), strict=False
+    )  # lm_head is tied
+    n_params = ours.num_params()
+    # bytes read per decode step at batch 1: every weight once (the tied embedding once, as the lm_head),
+    # except the embedding tables' single looked-up rows
+    bytes_per_step = 4 * (n_params - ours.embed_positions.weight.numel())
+    bw = copy_bandwidth()
+    g = torch.Generator().manual_seed(1)
+    result = {
+        "bench": "generate",
+        "model": "gpt2-124M-shape random fp32",
+        "params": n_params,
+        "threads": args.threads,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "copy_bandwidth_GBps": round(bw / 1e9, 1),
+        "roofline_tok_s_b1": round(bw / bytes_per_step, 1),
+    }
+    int8 = quantize_int8(_copy(ours, cfg))
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_tokens), generator=g)
+        run_ours = partial(_run_ours, ours, prompts)
+        run_hf = partial(_run_hf, hf, prompts)
+        same = [c[0].token_ids for c in run_ours(16)] == run_hf(16)[:, args.prompt_tokens :].tolist()
+        r_ours = decode_rate(run_ours, batch, args.new_tokens, args.repeats)
+        r_hf = decode_rate(run_hf, batch, args.new_tokens, args.repeats)
+        r_int8 = decode_rate(partial(_run_ours, int8, prompts), batch, args.new_tokens, args.repeats)
+        result[f"b{batch}"] = {
+            "ours_tok_s": round(r_ours, 1),
+            "hf_tok_s": round(r_hf, 1),
+            "ratio": round(r_ours / r_hf, 2),
+            "int8_tok_s": round(r_int8, 1),
+            "int8_speedup": round(r_int8 / r_ours, 2),
+            "greedy_tokens_match_hf": same,
+        }
+        if batch == 1:
+            result["b1"]["fraction_of_roofline"] = round(r_ours / (bw / bytes_per_step), 2)
+    print(json.dumps(result))
+
+
+def _run_ours(model: Transformer, prompts: torch.Tensor, new: int):
+    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_token_ids=[])
+    return generate(model, None, prompts.tolist(), cfg)
+
+
+def _run_hf(hf, prompts: torch.Tensor, new: int):
+    with torch.inference_mode():
+        return hf.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def _copy(model: Transformer, cfg) -> Transformer:
+    m = Transformer(cfg).eval()
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+if __name__ == "__main__":
+    main()
