@@ -138,14 +138,12 @@ def finetune(
         if lm.meta.get("task") == "classify" and lm.meta.get("labels") == task.labels:
             net.load_head(lm.extra_tensors)  # continue training a saved head
         if not lm.model.lm_head_weight_tied():
-            lm.model.lm_head.weight.requires_grad_(
-                False
-            )  # unused by the head: keep it out of the optimizer (DDP)
+            # unused by the head: keep it out of the optimizer (and out of DDP's unused-parameter check)
+            lm.model.lm_head.weight.requires_grad_(False)
     if opts.lora is not None:
         lc = opts.lora
-        apply_lora(
-            lm.model, lc.rank, lc.alpha, lc.dropout, lc.targets
-        )  # freezes the base; a head stays trainable
+        # freezes the base; a classifier head (outside lm.model) stays trainable
+        apply_lora(lm.model, lc.rank, lc.alpha, lc.dropout, lc.targets)
     elif opts.save_adapter:
         raise UserError("--save-adapter needs LoRA: add --lora-rank R")
     trainable, total = count_params(net)
@@ -173,6 +171,8 @@ def finetune(
         confusion_png=None,
     )
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the extra files
+        return result
     if opts.save_adapter and not result["interrupted"]:
         extra = net.head_tensors() if isinstance(net, Classifier) else {}
         hmeta = net.head_meta() if isinstance(net, Classifier) else {"task": opts.task}
