@@ -394,3 +394,27 @@ def test_config_files_load_and_demo_toml_matches_the_demo():
             < build_model(load_train_config(ROOT / "configs" / "gpt2-124m.toml"), 50257).num_params()
             < 130e6
         )
+
+
+def test_kill_storm_short():
+    # benchmarks/killstorm.py in small: 3 SIGKILLs at random moments (checkpoint after every step, so kills
+    # land inside writes), a resume after each; no visible checkpoint is ever partial, final weights bitwise equal
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "killstorm.py"),
+            "--kills",
+            "3",
+            "--steps",
+            "40",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["kills"] == 3 and res["resumes_failed"] == 0, res
+    assert res["half_written_visible"] == 0 and res["newest_step_regressions"] == 0, res
+    assert res["final_weights_bitwise_equal"] and res["ok"] and p.returncode == 0, res
