@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from yuyan.generate import GenerationConfig, generate
+from yuyan.generate import GenerationConfig, engine, generate
 from yuyan.model.hf import hf_to_ours
 from yuyan.model.quantize import quantize_int8
 from yuyan.model.transformer import Transformer, preset
@@ -36,28 +36,26 @@ def copy_bandwidth(mb: int = 512) -> float:
     return 2 * a.numel() * 4 / best
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
+def decode_rates(runs: dict, batch: int, new: int, repeats: int) -> dict[str, float]:
+    """Decode tokens/s of each runner: best time of `new` tokens minus best time of 1 (prefill + first
+    token). The runners take turns in every repeat, so a busy machine slows them alike."""
+    best = {(k, n): float("inf") for k in runs for n in (new, 1)}
+    for run in runs.values():
+        run(2)  # warm-up
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def decode_rate(run, batch: int, new: int, repeats: int) -> float:
-    """Decode tokens/s: the time of `new` tokens minus the time of 1 (prefill + first token)."""
-    run(2)  # warm-up
-    t_full = timed(lambda: run(new), repeats)
-    t_one = timed(lambda: run(1), repeats)
-    return batch * (new - 1) / (t_full - t_one)
+        for k, run in runs.items():
+            for n in (new, 1):
+                t = time.perf_counter()
+                run(n)
+                best[k, n] = min(best[k, n], time.perf_counter() - t)
+    return {k: batch * (new - 1) / (best[k, new] - best[k, 1]) for k in runs}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--batches", default="1,8")
     args = ap.parse_args()
@@ -101,9 +99,11 @@ def main() -> None:
         run_ours = partial(_run_ours, ours, prompts)
         run_hf = partial(_run_hf, hf, prompts)
         same = [c[0].token_ids for c in run_ours(16)] == run_hf(16)[:, args.prompt_tokens :].tolist()
-        r_ours = decode_rate(run_ours, batch, args.new_tokens, args.repeats)
-        r_hf = decode_rate(run_hf, batch, args.new_tokens, args.repeats)
-        r_int8 = decode_rate(partial(_run_ours, int8, prompts), batch, args.new_tokens, args.repeats)
+        runs = {"ours": run_ours, "hf": run_hf, "int8": partial(_run_ours, int8, prompts)}
+        if batch <= 2:  # A/B of the two-thread lm_head split
+            runs["ours_no_split"] = partial(_run_ours, ours, prompts, split=False)
+        rates = decode_rates(runs, batch, args.new_tokens, args.repeats)
+        r_ours, r_hf, r_int8 = rates["ours"], rates["hf"], rates["int8"]
         result[f"b{batch}"] = {
             "ours_tok_s": round(r_ours, 1),
             "hf_tok_s": round(r_hf, 1),
@@ -112,14 +112,20 @@ def main() -> None:
             "int8_speedup": round(r_int8 / r_ours, 2),
             "greedy_tokens_match_hf": same,
         }
+        if "ours_no_split" in rates:
+            result[f"b{batch}"]["ours_no_lm_head_split_tok_s"] = round(rates["ours_no_split"], 1)
         if batch == 1:
             result["b1"]["fraction_of_roofline"] = round(r_ours / (bw / bytes_per_step), 2)
     print(json.dumps(result))
 
 
-def _run_ours(model: Transformer, prompts: torch.Tensor, new: int):
+def _run_ours(model: Transformer, prompts: torch.Tensor, new: int, split: bool = True):
     cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_token_ids=[])
-    return generate(model, None, prompts.tolist(), cfg)
+    engine.SPLIT_LM_HEAD = split
+    try:
+        return generate(model, None, prompts.tolist(), cfg)
+    finally:
+        engine.SPLIT_LM_HEAD = True
 
 
 def _run_hf(hf, prompts: torch.Tensor, new: int):

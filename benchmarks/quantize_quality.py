@@ -1,0 +1,77 @@
+"""Quality cost of int8 weights: bits per byte of held-out text, fp32 model against its `quantize_int8` copy.
+
+A small GPT (4 layers, d_model 128, vocab 2048) is trained for a few hundred steps on standard-library
+Python (nothing is downloaded), then both versions score the same held-out files with
+`yuyan.evaluate.perplexity`. Prints one JSON line.
+
+    .venv/bin/python benchmarks/quantize_quality.py [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from yuyan.evaluate.perplexity import perplexity
+from yuyan.model.quantize import quantize_int8
+from yuyan.model.transformer import ModelConfig, Transformer
+from yuyan.tokenizer import Tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--family", default="gpt2", choices=["gpt2", "llama"])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    train_texts = [f.read_text(encoding="utf-8", errors="replace") for f in files[:120]]
+    val_texts = [f.read_text(encoding="utf-8", errors="replace") for f in files[120:135]]
+    tok = Tokenizer.train(train_texts, vocab_size=2048)
+    ids = torch.tensor([i for t in train_texts for i in tok.encode(t) + [tok.eot_id]])
+    kw = dict(vocab_size=tok.vocab_size, block_size=128, n_layer=4, n_head=4, d_model=128)
+    if args.family == "llama":
+        kw.update(ffn="swiglu", norm="rmsnorm", pos="rope", bias=False, tie_embeddings=False, n_kv_head=2)
+    model = Transformer(ModelConfig(**kw))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    t0 = time.time()
+    for step in range(args.steps):
+        starts = torch.randint(0, len(ids) - 129, (16,))
+        x = torch.stack([ids[s : s + 128] for s in starts])
+        y = torch.stack([ids[s + 1 : s + 129] for s in starts])
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 - step / args.steps))
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    n_params = model.num_params()
+    fp32 = perplexity(model, tok, val_texts)
+    quantize_int8(model)
+    int8 = perplexity(model, tok, val_texts)
+    print(
+        json.dumps(
+            {
+                "bench": "quantize_quality",
+                "family": args.family,
+                "params": n_params,
+                "train_steps": args.steps,
+                "train_seconds": round(time.time() - t0, 1),
+                "val_bytes": fp32["bytes"],
+                "fp32_bits_per_byte": round(fp32["bits_per_byte"], 4),
+                "int8_bits_per_byte": round(int8["bits_per_byte"], 4),
+                "delta_bits_per_byte": round(int8["bits_per_byte"] - fp32["bits_per_byte"], 4),
+                "relative": round(int8["bits_per_byte"] / fp32["bits_per_byte"] - 1, 4),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
