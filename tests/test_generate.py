@@ -293,3 +293,17 @@ def test_split_lm_head_equals_plain(monkeypatch):
     torch.testing.assert_close(eng._logits(model, h), model.lm_head(h), atol=1e-6, rtol=0)
     cfg = GenerationConfig(max_new_tokens=8, **GREEDY)
     assert generate(model, None, [[1, 2, 3]], cfg)[0][0].token_ids == generate_naive(model, [1, 2, 3], 8)
+
+
+def test_stream_releases_held_back_text_at_the_end(tokenizer):
+    prompt, answer = "语言模型", "是一种概率模型。"
+    p_ids, a_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
+    model = _Scripted(tokenizer.vocab_size, p_ids + a_ids).eval()
+    cfg = GenerationConfig(
+        max_new_tokens=len(a_ids), stop=["。Z"], **GREEDY
+    )  # the text ends with a stop prefix
+    assert (
+        "".join(stream(model, tokenizer, prompt, cfg))
+        == answer
+        == generate(model, tokenizer, [prompt], cfg)[0][0].text
+    )

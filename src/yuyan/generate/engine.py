@@ -271,6 +271,7 @@ class _Row:
         self.stop = stop
         self.max_stop = max((len(s) for s in stop), default=0)
         self.finish: str | None = None
+        self.cut = False  # a stop string ended the text
         self.logprobs: list[TokenLogprob] = []
 
     def add(self, tok: int) -> None:
@@ -290,10 +291,13 @@ class _Row:
             if hits:
                 self.text = self.text[: min(hits)]
                 self.finish = "stop"
+                self.cut = True
 
     def close(self) -> None:
-        if self.decoder is not None and self.finish != "stop":
+        """End of generation: flush undecoded bytes (unless a stop string cut the text) and release held text."""
+        if self.decoder is not None and not self.cut:
             self._add_text(self.decoder.flush())
+        self.finish = self.finish or "length"
 
     def safe_text(self) -> str:
         """New text that can no longer turn out to be the start of a stop string."""
@@ -395,7 +399,7 @@ def _decode(
             else:
                 row.add(tok_list[i])
                 if config.logprobs is not None:
-                    dec = tokenizer.decode if tokenizer is not None else str
+                    dec = tokenizer.decode if tokenizer is not None else (lambda ids: "")
                     row.logprobs.append(
                         TokenLogprob(
                             tok_list[i],
@@ -547,8 +551,9 @@ def generate(
                 for t in toks:
                     if row.finish is None:
                         row.add(t)
+                if ended and row.finish is None:
+                    row.finish = "stop"
                 row.close()
-                row.finish = row.finish or ("stop" if ended else "length")
                 comps.append(row.completion(stop_ids))
             out.append(comps)
         return out
