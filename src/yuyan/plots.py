@@ -132,6 +132,7 @@ def plot_attention_heads(weights, tokens: list[str], path: str | os.PathLike, ti
     The image is exactly attention_figsize(H, T)[:2] x dpi pixels.
     """
     import numpy as np
+    from matplotlib.colors import PowerNorm
 
     w = np.asarray(weights, dtype=float)
     H, T = w.shape[0], w.shape[-1]
@@ -144,7 +145,8 @@ def plot_attention_heads(weights, tokens: list[str], path: str | os.PathLike, ti
             if h >= H:
                 ax.axis("off")
                 continue
-            ax.imshow(w[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            # square-root colour scale: the weak but structured weights of small models stay visible
+            ax.imshow(w[h], cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
             ax.set_title(f"head {h}", fontsize=9)
             ax.set_xticks(range(T), labels, rotation=90, fontsize=fs)
             ax.set_yticks(range(T), labels, fontsize=fs)

@@ -47,7 +47,7 @@ def attention_cmd(
     except ValueError:
         raise UserError(f"--layers {layers!r} must be comma-separated integers, e.g. 0,3") from None
     lm = _load(model)
-    r = render_attention(lm.model, lm.tokenizer, text, out, chosen, title=Path(model).name)
+    r = render_attention(lm.model, lm.tokenizer, text, out, chosen, title=str(model))
     print(f"{len(r['tokens'])} tokens, {len(r['pngs'])} layer maps")
     for p in [*r["pngs"], r["html"]]:
         print(f"wrote {p}")
