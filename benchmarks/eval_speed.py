@@ -20,11 +20,11 @@ import torch
 
 
 def hf_reference(model, family: str, prompt_len: int, new_tokens: int, batches, repeats: int) -> dict:
+    from types import SimpleNamespace
+
     import transformers
 
     from yuyan.model.hf import ours_config_to_hf, ours_to_hf
-
-    from types import SimpleNamespace
 
     no_tokens = SimpleNamespace(bos_id=None, eot_id=None, pad_id=None)  # generation is forced to full length
     cfg_dict = ours_config_to_hf(model.config, family, no_tokens)
