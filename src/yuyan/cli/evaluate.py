@@ -42,10 +42,12 @@ def _emit(result: dict, out: Path | None, name: str | None = None) -> None:
         print(f"wrote {j} and {m}")
 
 
-def _load(model: str):
+def _load(model: str, device: str | None = None):
+    import torch
+
     from yuyan.model import load
 
-    return load(model)
+    return load(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @eval_app.command("perplexity")
@@ -62,6 +64,7 @@ def perplexity_cmd(
     ),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
     max_bytes: int = typer.Option(None, help="score only the first N bytes of the corpus"),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
     out: Path = OUT,
 ) -> None:
     """Loss, perplexity and bits per byte over a corpus (sliding window for long texts).
@@ -73,7 +76,7 @@ def perplexity_cmd(
 
     split = split or ("val" if corpus == "stdlib" else "all")
     texts = _read_corpus(corpus, split, text_field, max_bytes)
-    lm = _load(model)
+    lm = _load(model, device)
     r = perplexity(lm.model, lm.tokenizer, texts, block_size, stride, batch_size, progress=True)
     _emit(make_result("perplexity", model, r, {"corpus": corpus, "split": split}), out)
 

@@ -120,22 +120,15 @@ def token_nll(
                 # input position t (absolute b+t) predicts target b+t+1; score targets s..e-1
                 y[r, s - b - 1 : e - b - 1] = ids[s - b :]
             x, y = x.to(device), y.to(device)
-            with _autocast(device):
-                h = model.hidden(x)  # (B, T, d_model)
             keep = y >= 0
-            hs, ys = h[keep], y[keep]  # (N, d_model), (N,) in row-major order
-            nll = (
-                torch.cat(
-                    [
-                        F.cross_entropy(
-                            model.lm_head(hs[k : k + chunk]).float(), ys[k : k + chunk], reduction="none"
-                        )
-                        for k in range(0, len(ys), chunk)
-                    ]
-                )
-                if len(ys)
-                else torch.empty(0, device=device)
-            )
+            ys = y[keep]  # (N,) targets in row-major order
+            parts = []
+            with _autocast(device):
+                hs = model.hidden(x)[keep]  # (N, d_model): only the scored positions reach lm_head
+                for k in range(0, len(ys), chunk):  # (chunk, V) logits at a time, loss in float32
+                    logits = model.lm_head(hs[k : k + chunk]).float()
+                    parts.append(F.cross_entropy(logits, ys[k : k + chunk], reduction="none"))
+            nll = torch.cat(parts) if parts else torch.empty(0)
             nll = nll.cpu()
             offset = 0
             for i, _b, e, s in batch:
