@@ -289,11 +289,14 @@ def test_cli_eval_commands(run_cli, tmp_path, tokenizer):
         data,
         "--max-new-tokens",
         "8",
+        "--stop",
+        "\n",
         "--out",
         out / "gen",
         check=True,
     )
-    assert json.loads((out / "gen" / "rouge.json").read_text())["metrics"]["examples"] == 3
+    gen = json.loads((out / "gen" / "rouge.json").read_text())
+    assert gen["metrics"]["examples"] == 3 and gen["settings"]["stop"] == ["\n"]
     run_cli("eval", "speed", "--model", ckpt, "--new-tokens", "4", "--repeats", "1", "--out", out, check=True)
     assert json.loads((out / "speed.json").read_text())["metrics"]["decode_tok_s_b8"] > 0
     bad = run_cli("eval", "rouge", "--predictions", tmp_path / "missing.jsonl")

@@ -155,8 +155,9 @@ def _pairs(
     return [o[0].text.strip() for o in outs], refs, {"data": str(data), **gen}
 
 
-def _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed) -> dict:
+def _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed, stop) -> dict:
     return {
+        "stop": list(stop or []),
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
         "top_k": top_k,
@@ -194,6 +195,7 @@ _K = typer.Option(0, help="top-k (0: off)")
 _P = typer.Option(1.0, help="top-p (1: off)")
 _B = typer.Option(1, help="beam search width (1: off)")
 _S = typer.Option(0, help="random seed for sampling")
+_STOP = typer.Option(None, "--stop", help="stop string (repeatable), e.g. --stop $'\\n'")
 
 
 @eval_app.command("bleu")
@@ -213,6 +215,7 @@ def bleu_cmd(
     top_p: float = _P,
     beams: int = _B,
     seed: int = _S,
+    stop: list[str] = _STOP,
     out: Path = OUT,
 ) -> None:
     """Corpus BLEU (sacrebleu) of generated or given outputs against references.
@@ -228,7 +231,7 @@ def bleu_cmd(
         prompt_field,
         reference_field,
         prediction_field,
-        _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed),
+        _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed, stop),
         out,
     )
 
@@ -247,6 +250,7 @@ def rouge_cmd(
     top_p: float = _P,
     beams: int = _B,
     seed: int = _S,
+    stop: list[str] = _STOP,
     out: Path = OUT,
 ) -> None:
     """ROUGE-1/2/L (rouge-score, CJK characters kept as tokens) of generated or given outputs.
@@ -262,7 +266,7 @@ def rouge_cmd(
         prompt_field,
         reference_field,
         prediction_field,
-        _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed),
+        _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed, stop),
         out,
     )
 
