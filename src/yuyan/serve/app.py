@@ -307,14 +307,14 @@ def create_app(lm, config: ServeConfig | None = None, scheduler: Scheduler | Non
         except UserError as e:
             raise ApiError(400, str(e)) from None
 
-    def budget(prompt_len: int, asked: int | None, default: int | None) -> int:
+    def budget(prompt_len: int, asked: int | None, default: int | None, where: str = "prompt") -> int:
         """max_tokens of one prompt: checked against the limit and the context."""
         if prompt_len >= context:
             raise ApiError(
                 400,
                 f"this model's maximum context length is {context} tokens, but the prompt has "
                 f"{prompt_len}; shorten the prompt",
-                "messages",
+                where,
                 "context_length_exceeded",
             )
         if asked is None:
@@ -589,7 +589,7 @@ def create_app(lm, config: ServeConfig | None = None, scheduler: Scheduler | Non
         ]
         ids, _ = await run_in_threadpool(tok.apply_chat_template, messages, True)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        mt = budget(len(ids), asked, None)
+        mt = budget(len(ids), asked, None, "messages")
         params = sampling(body, n)
         stop = body.stop_list()
         if any(not s for s in stop):
