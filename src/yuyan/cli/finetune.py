@@ -42,7 +42,9 @@ def finetune_cmd(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (checkpoints, final/, best/, adapter/)"),
     val_data: str = typer.Option(
-        "", "--val-data", help="validation file (default: a deterministic 10% of --data)"
+        "",
+        "--val-data",
+        help="sft/classify validation file (default: a deterministic 10% of --data; lm uses the corpus split)",
     ),
     lora_rank: int = typer.Option(0, "--lora-rank", help="LoRA rank; 0 = full fine-tuning"),
     lora_alpha: float = typer.Option(
