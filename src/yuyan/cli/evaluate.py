@@ -305,6 +305,7 @@ def speed_cmd(
     batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes"),
     repeats: int = typer.Option(2, help="timed runs per batch size (the best is reported)"),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+    threads: int = typer.Option(None, help="CPU threads for torch (default: torch's choice)"),
     out: Path = OUT,
 ) -> None:
     """Time to first token, decode tokens/s at batch 1 and 8, peak memory, parameters, FLOPs per token.
@@ -323,6 +324,10 @@ def speed_cmd(
         raise UserError(f"--batch-sizes {batch_sizes!r} must be comma-separated integers, e.g. 1,8") from None
     if not sizes or min(sizes) < 1:
         raise UserError("--batch-sizes needs positive integers, e.g. 1,8")
+    if threads is not None:
+        if threads < 1:
+            raise UserError("--threads must be at least 1")
+        torch.set_num_threads(threads)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = load(model, dev)
     r = speed(lm.model, prompt_len, new_tokens, sizes, repeats)
