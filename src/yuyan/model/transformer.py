@@ -10,6 +10,7 @@ import/export is a key table. The KV cache is a small object owned by the caller
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -51,7 +52,8 @@ class ModelConfig:
             else:
                 self.d_ff = 4 * self.d_model
         sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim")
-        bad = [f"{k}={getattr(self, k)!r}" for k in sizes if type(getattr(self, k)) is not int or getattr(self, k) < 1]
+        bad = [f"{k}={v!r}" for k in sizes if isinstance(v := getattr(self, k), bool)
+               or not isinstance(v, numbers.Integral) or v < 1]
         if bad:  # checked first: the rules below do arithmetic on these
             raise ValueError(f"invalid model config: sizes must be positive integers, got {', '.join(bad)}")
         checks = [
