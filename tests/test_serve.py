@@ -302,6 +302,18 @@ BAD = [
         400,
         None,
     ),
+    (
+        "/v1/completions",
+        json.dumps({"model": "tiny", "prompt": "x", "temperature": 1e-44}).encode(),
+        400,
+        "invalid_sampling",
+    ),  # each setting valid, together they overflow the logits (found by the 10k fuzz)
+    (
+        "/v1/completions",
+        json.dumps({"model": "tiny", "prompt": "x", "repetition_penalty": 5e-324}).encode(),
+        400,
+        None,
+    ),
     ("/v1/inspect/attention", json.dumps({"text": ""}).encode(), 400, None),
     ("/v1/nothing", b"{}", 404, "not_found"),
     ("/v1/completions", b"x" * (1 << 20 + 1), 413, "request_too_large"),

@@ -78,6 +78,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    invalid: bool = False  # the request's own settings caused it (a 4xx), not a bug or a shutdown
 
 
 Event = Token | Finished | Failed
@@ -347,7 +348,25 @@ class Scheduler:
         st, logits = self.st, self.logits
         counts = self.counts[:B] if st.use_penalties else None
         pmask = self.prompt_mask[:B] if st.use_penalties else None
-        tokens = sample(process(logits, st, counts, pmask), st.greedy, st.generators)  # (B,)
+        proc = process(logits, st, counts, pmask)
+        # settings that are valid one by one can still overflow (temperature 1e-300, penalty 5e-324): such a
+        # row has no distribution to sample; fail that request alone, never the batch
+        bad = torch.isnan(proc).any(-1) | torch.isposinf(proc).any(-1) | torch.isneginf(proc).all(-1)
+        if bool(bad.any()):
+            for i in bad.nonzero().flatten().tolist():
+                req = self.slots[i].req
+                if not req.cancelled:
+                    _safe_emit(
+                        req,
+                        Failed(
+                            "the sampling settings overflowed the model's logits; use a "
+                            "temperature >= 0.01 and penalties of moderate size",
+                            invalid=True,
+                        ),
+                    )
+                    req.cancelled = True  # its rows leave at the next step
+            proc = torch.where(bad[:, None], logits, proc)
+        tokens = sample(proc, st.greedy, st.generators)  # (B,)
         self.counts[:B].scatter_add_(1, tokens[:, None], torch.ones(B, 1, device=self.device))
         k = max((s.req.logprobs or 0) for s in self.slots)
         want_lp = any(s.req.logprobs is not None for s in self.slots)
@@ -360,6 +379,8 @@ class Scheduler:
         finished = []
         for i, s in enumerate(self.slots):
             t, row, req = tok_list[i], s.row, s.req
+            if req.cancelled:  # nothing more goes to a cancelled request; its row leaves next step
+                continue
             if t in req.stop_ids:
                 row.generated.append(t)
                 row.finish = "stop"

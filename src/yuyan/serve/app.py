@@ -383,6 +383,8 @@ def create_app(lm, config: ServeConfig | None = None, scheduler: Scheduler | Non
                     continue
                 if isinstance(ev, Failed):
                     self.cancel()
+                    if ev.invalid:
+                        raise ApiError(400, ev.message, None, "invalid_sampling")
                     shutting = "shutting down" in ev.message
                     raise ApiError(
                         503 if shutting else 500,
