@@ -7,7 +7,7 @@ and our weights (`yuyan.model.hf.ours_to_hf`), `generate(do_sample=False)`: time
 forced to its length with `min_new_tokens`. Both take the best of `--repeats` runs after a warm-up. Prints
 one JSON line with both figures and ours/reference ratios (> 1: ours is faster; for TTFT, < 1 is better).
 
-    .venv/bin/python benchmarks/eval_speed.py --preset gpt2 [--prompt 32 --new 64 --repeats 2]
+    .venv/bin/python benchmarks/eval_speed.py --preset gpt2 [--prompt 32 --new 64 --repeats 2 --threads 1]
 """
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     from yuyan.evaluate.speed import speed
     from yuyan.model.hf import hf_family
