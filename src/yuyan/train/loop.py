@@ -580,6 +580,7 @@ def fit(
 
     start_step = step
     measure_at = start_step + 3  # steps before this one warm caches (and compile)
+    last_step_t = 0.0  # elapsed() at the end of the previous step, for the clock stop
     refit_at = measure_at if budget > 0 else None
     marks: list[tuple[int, float]] = []  # (step, elapsed) at each refit
 
@@ -648,6 +649,8 @@ def fit(
             if refit_at is not None and step >= refit_at:
                 refit()
                 progress.update(ptask, total=total_steps)
+            if step == measure_at:
+                last_step_t = elapsed()
             lr = lr_at(step, total_steps, tc.lr, tc.min_lr, tc.warmup, tc.schedule, tc.decay_frac)
             set_lr(optimizer, lr)
             for i in range(accum):
@@ -710,12 +713,19 @@ def fit(
             if float(flag) > 0:
                 interrupted = True
                 break
-            if budget > 0 and info.world_size == 1 and elapsed() > budget * 1.05:
-                break  # the schedule fit misjudged badly (a much slower machine): stop anyway
+            if budget > 0 and info.world_size == 1 and step > measure_at:
+                # one process: also stop on the clock, when the next step would end further past the
+                # budget than stopping now leaves before it (the step-count fit cannot see sudden slowdowns)
+                now_t = elapsed()
+                step_t = now_t - last_step_t
+                last_step_t = now_t
+                if now_t + 0.5 * step_t > budget:
+                    break
             due = (cc.every_steps > 0 and step % cc.every_steps == 0) or (
                 cc.every_minutes > 0 and time.perf_counter() - last_ckpt_t > cc.every_minutes * 60
             )
-            due = bool(D.broadcast_object(due, info)) if info.world_size > 1 else due
+            if info.world_size > 1 and cc.every_minutes > 0:  # clocks differ between ranks: rank 0 decides
+                due = bool(D.broadcast_object(due, info))
             if due and step < total_steps:
                 save("step")
                 saved_step, last_ckpt_t = step, time.perf_counter()
