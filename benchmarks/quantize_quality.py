@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -27,11 +28,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--family", default="gpt2", choices=["gpt2", "llama"])
+    ap.add_argument("--val-chars", type=int, default=200_000, help="score this much held-out text")
     args = ap.parse_args()
     torch.manual_seed(0)
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     train_texts = [f.read_text(encoding="utf-8", errors="replace") for f in files[:120]]
-    val_texts = [f.read_text(encoding="utf-8", errors="replace") for f in files[120:135]]
+    val_text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files[120:135])
+    val_texts = [val_text[: args.val_chars]]
     tok = Tokenizer.train(train_texts, vocab_size=2048)
     ids = torch.tensor([i for t in train_texts for i in tok.encode(t) + [tok.eot_id]])
     kw = dict(vocab_size=tok.vocab_size, block_size=128, n_layer=4, n_head=4, d_model=128)
@@ -50,6 +53,10 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step % 20 == 0:
+            print(
+                f"step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True
+            )
     model.eval()
     n_params = model.num_params()
     fp32 = perplexity(model, tok, val_texts)
