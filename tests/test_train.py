@@ -259,6 +259,13 @@ def test_max_time_fits_the_schedule_to_the_budget(tmp_path):
     last_train = [r for r in rows if r["split"] == "train"][-1]
     assert last_train["step"] == res["step"]
     assert last_train["lr"] == pytest.approx(3e-4, rel=0.05)  # decayed to min_lr at the end
+    # resuming a run whose budget is spent trains no further (it re-evaluates and saves only)
+    again = W.run(
+        str(tmp_path / "run"),
+        {"train.max_steps": "0", "train.max_time": str(budget), "train.log_every": "10", "eval.every": "100"},
+        resume=True,
+    )
+    assert again["step"] == res["step"]
 
 
 @pytest.fixture(scope="module")

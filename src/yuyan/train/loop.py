@@ -644,6 +644,8 @@ def fit(
     if main and ckpt is not None:
         console.print(f"resumed from {ckpt} at step {step}")
 
+    if budget > 0 and elapsed_before >= budget:
+        total_steps = step  # a resumed run whose time budget is already spent: evaluate and save only
     with _Interrupt() as stop, progress:
         while step < total_steps:
             if refit_at is not None and step >= refit_at:
@@ -720,6 +722,7 @@ def fit(
                 step_t = now_t - last_step_t
                 last_step_t = now_t
                 if now_t + 0.5 * step_t > budget:
+                    total_steps = step  # the run is complete: a resume must not train past the budget
                     break
             due = (cc.every_steps > 0 and step % cc.every_steps == 0) or (
                 cc.every_minutes > 0 and time.perf_counter() - last_ckpt_t > cc.every_minutes * 60
