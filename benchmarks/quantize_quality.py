@@ -71,10 +71,10 @@ def main() -> None:
                 "train_steps": args.steps,
                 "train_seconds": round(time.time() - t0, 1),
                 "val_bytes": fp32["bytes"],
-                "fp32_bits_per_byte": round(fp32["bits_per_byte"], 4),
-                "int8_bits_per_byte": round(int8["bits_per_byte"], 4),
-                "delta_bits_per_byte": round(int8["bits_per_byte"] - fp32["bits_per_byte"], 4),
-                "relative": round(int8["bits_per_byte"] / fp32["bits_per_byte"] - 1, 4),
+                "fp32_bits_per_byte": round(fp32["bits_per_byte"], 6),
+                "int8_bits_per_byte": round(int8["bits_per_byte"], 6),
+                "delta_bits_per_byte": round(int8["bits_per_byte"] - fp32["bits_per_byte"], 6),
+                "relative": round(int8["bits_per_byte"] / fp32["bits_per_byte"] - 1, 6),
             }
         )
     )
