@@ -119,7 +119,9 @@ def save_figure_fixed(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
 
 def attention_figsize(n_head: int, n_tokens: int) -> tuple[float, float, int]:
     """(width, height, columns) in inches of the head grid drawn by plot_attention_heads."""
-    cols = min(4, n_head)
+    import math
+
+    cols = min(4, math.ceil(math.sqrt(n_head)))  # 4 heads: 2x2, 12 heads: 4x3
     rows = -(-n_head // cols)
     cell = min(6.0, max(2.6, 0.16 * n_tokens + 1.0))
     return cols * cell, rows * cell + 0.6, cols
@@ -138,7 +140,7 @@ def plot_attention_heads(weights, tokens: list[str], path: str | os.PathLike, ti
     H, T = w.shape[0], w.shape[-1]
     width, height, cols = attention_figsize(H, T)
     labels = token_labels(tokens)
-    fs = max(4.0, min(8.0, 160.0 / max(T, 1)))
+    fs = max(3.5, min(9.0, 50.0 * (width / cols) / max(T, 1)))  # label size that fits a cell's row
     with _font_context():
         fig, axes = plt.subplots(-(-H // cols), cols, figsize=(width, height), squeeze=False)
         for h, ax in enumerate(axes.flat):
