@@ -44,7 +44,9 @@ def tokenizer(texts) -> Tokenizer:
 def tiny_config(family: str = "gpt2", vocab_size: int = 512, **kw) -> ModelConfig:
     base = dict(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, d_model=32)
     if family == "llama":
-        base.update(n_kv_head=2, d_ff=64, ffn="swiglu", norm="rmsnorm", pos="rope", bias=False, tie_embeddings=False)
+        base.update(
+            n_kv_head=2, d_ff=64, ffn="swiglu", norm="rmsnorm", pos="rope", bias=False, tie_embeddings=False
+        )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -74,10 +76,18 @@ def run_cli():
 
     def run(*args: str, input: str | None = None, timeout: float = 300, check: bool = False):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "COLUMNS": "200"}
-        p = subprocess.run([sys.executable, "-m", "yuyan", *map(str, args)], capture_output=True, text=True,
-                           input=input, timeout=timeout, env=env)
+        p = subprocess.run(
+            [sys.executable, "-m", "yuyan", *map(str, args)],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+            env=env,
+        )
         if check and p.returncode != 0:
-            raise AssertionError(f"yuyan {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+            raise AssertionError(
+                f"yuyan {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+            )
         return p
 
     return run

@@ -9,7 +9,17 @@ from yuyan.model import KVCache, LanguageModel, ModelConfig, Transformer, load, 
 from yuyan.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["load", "LanguageModel", "ModelConfig", "Transformer", "KVCache", "preset", "Tokenizer", "UserError", "train"]
+__all__ = [
+    "load",
+    "LanguageModel",
+    "ModelConfig",
+    "Transformer",
+    "KVCache",
+    "preset",
+    "Tokenizer",
+    "UserError",
+    "train",
+]
 
 
 def __getattr__(name: str):

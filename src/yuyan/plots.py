@@ -26,8 +26,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
-def plot_loss_curve(train_steps, train_loss, val_steps, val_loss, path: str | os.PathLike,
-                    title: str = "loss") -> Path:
+def plot_loss_curve(
+    train_steps, train_loss, val_steps, val_loss, path: str | os.PathLike, title: str = "loss"
+) -> Path:
     """Training and validation loss (nats/token) against optimizer step, log-scaled loss axis."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if len(train_steps):
@@ -44,7 +45,9 @@ def plot_loss_curve(train_steps, train_loss, val_steps, val_loss, path: str | os
     return save_figure(fig, path)
 
 
-def plot_confusion_matrix(matrix, labels: list[str], path: str | os.PathLike, title: str = "confusion matrix") -> Path:
+def plot_confusion_matrix(
+    matrix, labels: list[str], path: str | os.PathLike, title: str = "confusion matrix"
+) -> Path:
     """Counts of (true label, predicted label) as a heatmap with the count written in each cell."""
     import numpy as np
 
@@ -60,7 +63,14 @@ def plot_confusion_matrix(matrix, labels: list[str], path: str | os.PathLike, ti
     top = m.max() if m.size else 0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", color="white" if m[i, j] > top / 2 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(m[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if m[i, j] > top / 2 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
     return save_figure(fig, path)
@@ -68,9 +78,23 @@ def plot_confusion_matrix(matrix, labels: list[str], path: str | os.PathLike, ti
 
 # ---------------------------------------------------------------- interpretability (yuyan.interpret)
 # Fonts that draw CJK, in order of preference; DejaVu (matplotlib's default) has no CJK glyphs.
-CJK_FONT_NAMES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN",
-                  "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "SimHei", "Microsoft YaHei",
-                  "PingFang SC", "Heiti SC", "AR PL UMing CN", "AR PL UKai CN", "Arial Unicode MS")
+CJK_FONT_NAMES = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "Source Han Sans CN",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Droid Sans Fallback",
+    "SimHei",
+    "Microsoft YaHei",
+    "PingFang SC",
+    "Heiti SC",
+    "AR PL UMing CN",
+    "AR PL UKai CN",
+    "Arial Unicode MS",
+)
 
 
 def cjk_font() -> str | None:
@@ -81,7 +105,10 @@ def cjk_font() -> str | None:
     for name in CJK_FONT_NAMES:
         if name in installed:
             return name
-    return next((n for n in sorted(installed) if any(k in n for k in ("CJK", "Han Sans", "Hei", "Ming", "Song"))), None)
+    return next(
+        (n for n in sorted(installed) if any(k in n for k in ("CJK", "Han Sans", "Hei", "Ming", "Song"))),
+        None,
+    )
 
 
 def token_labels(tokens: list[str], cjk: bool | None = None, max_len: int = 12) -> list[str]:
@@ -90,11 +117,19 @@ def token_labels(tokens: list[str], cjk: bool | None = None, max_len: int = 12) 
     cjk = cjk_font() is not None if cjk is None else cjk
     out = []
     for t in tokens:
-        s = t.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace(" ", "·").replace("$", r"\$")
+        s = (
+            t.replace("\n", "\\n")
+            .replace("\t", "\\t")
+            .replace("\r", "\\r")
+            .replace(" ", "·")
+            .replace("$", r"\$")
+        )
         s = "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 0x7F <= ord(c) < 0xA0 else c for c in s)  # controls
         if not cjk:
-            s = "".join(c if ord(c) < 0x2E80 else (f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
-                        for c in s)
+            s = "".join(
+                c if ord(c) < 0x2E80 else (f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+                for c in s
+            )
         s = s or "∅"
         out.append(s if len(s) <= max_len else s[: max_len - 1] + "…")
     return out
@@ -127,8 +162,9 @@ def attention_figsize(n_head: int, n_tokens: int) -> tuple[float, float, int]:
     return cols * cell, rows * cell + 0.6, cols
 
 
-def plot_attention_heads(weights, tokens: list[str], path: str | os.PathLike, title: str = "attention",
-                         dpi: int = 100) -> Path:
+def plot_attention_heads(
+    weights, tokens: list[str], path: str | os.PathLike, title: str = "attention", dpi: int = 100
+) -> Path:
     """One layer's attention as a grid of heads: weights (H, T, T), rows = queries, columns = keys.
 
     The image is exactly attention_figsize(H, T)[:2] x dpi pixels.
@@ -158,8 +194,15 @@ def plot_attention_heads(weights, tokens: list[str], path: str | os.PathLike, ti
     return save_figure_fixed(fig, path, dpi)
 
 
-def plot_logit_lens(row_names: list[str], tokens: list[str], top_tokens: list[list[str]], top_probs,
-                    path: str | os.PathLike, title: str = "logit lens", dpi: int = 100) -> Path:
+def plot_logit_lens(
+    row_names: list[str],
+    tokens: list[str],
+    top_tokens: list[list[str]],
+    top_probs,
+    path: str | os.PathLike,
+    title: str = "logit lens",
+    dpi: int = 100,
+) -> Path:
     """Grid layer x position: colour = probability of the top prediction, text = that token.
 
     row_names: one per layer (bottom = embeddings, top = final layer); tokens: the input tokens (columns);
@@ -175,8 +218,15 @@ def plot_logit_lens(row_names: list[str], tokens: list[str], top_tokens: list[li
         im = ax.imshow(p, cmap="Blues", vmin=0.0, vmax=1.0, origin="lower", aspect="auto")
         for i in range(L):
             for j in range(T):
-                ax.text(j, i, cells[i * T + j], ha="center", va="center", fontsize=7,
-                        color="white" if p[i, j] > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    cells[i * T + j],
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if p[i, j] > 0.6 else "black",
+                )
         ax.set_xticks(range(T), token_labels(tokens), rotation=90, fontsize=8)
         ax.set_yticks(range(L), row_names, fontsize=8)
         ax.set_xlabel("input token (prediction is for the next position)")
@@ -186,8 +236,9 @@ def plot_logit_lens(row_names: list[str], tokens: list[str], top_tokens: list[li
     return save_figure_fixed(fig, path, dpi)
 
 
-def plot_attribution_bars(tokens: list[str], scores, path: str | os.PathLike, title: str = "attribution",
-                          dpi: int = 100) -> Path:
+def plot_attribution_bars(
+    tokens: list[str], scores, path: str | os.PathLike, title: str = "attribution", dpi: int = 100
+) -> Path:
     """One bar per input token: positive scores (pushing toward the target) red, negative blue."""
     import numpy as np
 

@@ -40,8 +40,14 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
-              special_tokens: list[str] | None = None, show_progress: bool = False) -> Tokenizer:
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 8192,
+        min_frequency: int = 2,
+        special_tokens: list[str] | None = None,
+        show_progress: bool = False,
+    ) -> Tokenizer:
         special = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
         if vocab_size < 256 + len(special) + 1:
             raise UserError(
@@ -52,8 +58,11 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
         )
         # strings or yuyan.data.corpus.Document objects (their .text), streamed: never held as one list
         tok.train_from_iterator((t if isinstance(t, str) else t.text for t in texts), trainer=trainer)
@@ -65,11 +74,15 @@ class Tokenizer:
         p = Path(path)
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.exists():
-            raise UserError(f"no tokenizer.json in {p}: train one with `yuyan tokenizer train` or point at a model folder")
+            raise UserError(
+                f"no tokenizer.json in {p}: train one with `yuyan tokenizer train` or point at a model folder"
+            )
         try:
             return cls(HFTokenizer.from_file(str(f)))
         except Exception as e:  # the Rust loader raises a bare Exception on bad JSON
-            raise UserError(f"{f} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]}); re-create it") from None
+            raise UserError(
+                f"{f} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]}); re-create it"
+            ) from None
 
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
@@ -108,8 +121,9 @@ class Tokenizer:
         return StreamDecoder(self)
 
     # ---------------------------------------------------------------- chat
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False
-                            ) -> tuple[list[int], list[int]]:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
         """messages -> (ids, assistant_mask): mask is 1 on the tokens the model must learn to produce
         (assistant content and its end marker), 0 elsewhere.
 
@@ -122,7 +136,9 @@ class Tokenizer:
         for m in messages:
             role, content = m.get("role"), m.get("content")
             if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise UserError(f"bad chat message {str(m)[:80]!r}: need role system|user|assistant and string content")
+                raise UserError(
+                    f"bad chat message {str(m)[:80]!r}: need role system|user|assistant and string content"
+                )
             head, body, tail = self._chat_parts(role, content, plain)
             ids += head
             mask += [0] * len(head)
@@ -138,7 +154,9 @@ class Tokenizer:
     def _chat_parts(self, role: str, content: str, plain: bool) -> tuple[list[int], list[int], list[int]]:
         if plain:
             head = self.encode(f"{role.capitalize()}: ")
-            tail = self.encode("\n") + ([self.eot_id] if role == "assistant" and self.eot_id is not None else [])
+            tail = self.encode("\n") + (
+                [self.eot_id] if role == "assistant" and self.eot_id is not None else []
+            )
         else:
             head = [self.chat_ids[f"<|{role}|>"]]
             tail = [self.chat_ids["<|end|>"]]
@@ -154,9 +172,14 @@ class Tokenizer:
         return self.vocab_size
 
     def info(self) -> dict:
-        return {"vocab_size": self.vocab_size, "eot_id": self.eot_id, "pad_id": self.pad_id,
-                "chat_tokens": self.chat_ids, "fingerprint": self.fingerprint,
-                "model": json.loads(self.to_str())["model"]["type"]}
+        return {
+            "vocab_size": self.vocab_size,
+            "eot_id": self.eot_id,
+            "pad_id": self.pad_id,
+            "chat_tokens": self.chat_ids,
+            "fingerprint": self.fingerprint,
+            "model": json.loads(self.to_str())["model"]["type"],
+        }
 
 
 class StreamDecoder:

@@ -22,7 +22,18 @@ app = typer.Typer(
 )
 
 # each module adds its commands to `app` when imported
-COMMAND_MODULES = ["tokenizer", "data", "model", "train", "generate", "finetune", "evaluate", "inspect", "serve", "apps"]
+COMMAND_MODULES = [
+    "tokenizer",
+    "data",
+    "model",
+    "train",
+    "generate",
+    "finetune",
+    "evaluate",
+    "inspect",
+    "serve",
+    "apps",
+]
 
 
 def _register() -> None:

@@ -97,16 +97,28 @@ def resolve_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    olds = sorted(p.parent.glob(f".{p.name}.old-*"), key=lambda q: q.stat().st_mtime) if p.parent.exists() else []
+    olds = (
+        sorted(p.parent.glob(f".{p.name}.old-*"), key=lambda q: q.stat().st_mtime)
+        if p.parent.exists()
+        else []
+    )
     if olds:
         os.replace(olds[-1], p)
         return p
     raise UserError(f"checkpoint {p} not found: pass a checkpoint folder, a Hugging Face folder or hf:NAME")
 
 
-def save_checkpoint(path: str | os.PathLike, model: Transformer, tokenizer: Tokenizer, *, meta: dict | None = None,
-                    extra_tensors: dict[str, torch.Tensor] | None = None, trainer_state: dict | None = None,
-                    state: dict | None = None, generation_config: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    *,
+    meta: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    trainer_state: dict | None = None,
+    state: dict | None = None,
+    generation_config: dict | None = None,
+) -> Path:
     """Write the checkpoint folder atomically. `model` must be the plain (unwrapped, uncompiled) module."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.lm_head_weight_tied():
@@ -136,13 +148,19 @@ def verify_manifest(path: Path) -> None:
     try:
         files = json.loads(mf.read_text())["files"]
     except (ValueError, KeyError):
-        raise UserError(f"{mf} is corrupt; the checkpoint cannot be trusted: restore it or use an earlier one") from None
+        raise UserError(
+            f"{mf} is corrupt; the checkpoint cannot be trusted: restore it or use an earlier one"
+        ) from None
     for name, info in files.items():
         f = path / name
         if not f.exists():
-            raise UserError(f"checkpoint {path} is missing {name} listed in its manifest; use an earlier checkpoint")
+            raise UserError(
+                f"checkpoint {path} is missing {name} listed in its manifest; use an earlier checkpoint"
+            )
         if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-            raise UserError(f"checkpoint file {f} does not match its checksum (corrupt or truncated); use an earlier checkpoint")
+            raise UserError(
+                f"checkpoint file {f} does not match its checksum (corrupt or truncated); use an earlier checkpoint"
+            )
 
 
 def read_config(path: Path) -> dict:
@@ -171,13 +189,17 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> T
     """Instantiate a model on the meta device first so absurd configs fail before any allocation."""
     est = estimate_params(cfg)
     if est > MAX_PARAMS or cfg.n_layer > MAX_LAYERS:
-        raise UserError(f"config asks for {est:.3g} parameters in {cfg.n_layer} layers (limits {MAX_PARAMS:.0e}, "
-                        f"{MAX_LAYERS} layers); the config is corrupt or absurd")
+        raise UserError(
+            f"config asks for {est:.3g} parameters in {cfg.n_layer} layers (limits {MAX_PARAMS:.0e}, "
+            f"{MAX_LAYERS} layers); the config is corrupt or absurd"
+        )
     with torch.device("meta"):
         m = Transformer(cfg)
     n = m.num_params()
     if n > MAX_PARAMS:
-        raise UserError(f"config asks for {n:.3g} parameters (over the {MAX_PARAMS:.0e} limit); the config is corrupt or absurd")
+        raise UserError(
+            f"config asks for {n:.3g} parameters (over the {MAX_PARAMS:.0e} limit); the config is corrupt or absurd"
+        )
     m = m.to_empty(device=device or "cpu")
     if cfg.pos == "rope":
         from yuyan.model.transformer import _rope_inv_freq
@@ -196,28 +218,40 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> 
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs config {tuple(expected[k])}" for k in set(sd) & set(expected)
-                    if tuple(sd[k].shape) != tuple(expected[k]))
+    shapes = sorted(
+        f"{k} {tuple(sd[k].shape)} vs config {tuple(expected[k])}"
+        for k in set(sd) & set(expected)
+        if tuple(sd[k].shape) != tuple(expected[k])
+    )
     if missing or unexpected or shapes:
-        parts = [f"missing {missing[:8]}" if missing else "", f"unexpected {unexpected[:8]}" if unexpected else "",
-                 f"shape mismatch {shapes[:4]}" if shapes else ""]
-        raise UserError(f"weights in {source} do not fit the model config: " + "; ".join(p for p in parts if p))
+        parts = [
+            f"missing {missing[:8]}" if missing else "",
+            f"unexpected {unexpected[:8]}" if unexpected else "",
+            f"shape mismatch {shapes[:4]}" if shapes else "",
+        ]
+        raise UserError(
+            f"weights in {source} do not fit the model config: " + "; ".join(p for p in parts if p)
+        )
     model.load_state_dict(sd, strict=False, assign=False)
 
 
 def check_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig, source: str) -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise UserError(f"tokenizer in {source} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}: "
-                        "they do not belong together; use the tokenizer saved with the model")
+        raise UserError(
+            f"tokenizer in {source} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}: "
+            "they do not belong together; use the tokenizer saved with the model"
+        )
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None, verify: bool = True) -> LanguageModel:
+def load_checkpoint(
+    path: str | os.PathLike, device: torch.device | str | None = None, verify: bool = True
+) -> LanguageModel:
     p = resolve_dir(path)
     if verify:
         verify_manifest(p)
     raw = read_config(p)
     if raw.get("format") != FORMAT:
-        raise UserError(f"{p} is not a yuyan checkpoint (no \"format\": \"yuyan\" in config.json)")
+        raise UserError(f'{p} is not a yuyan checkpoint (no "format": "yuyan" in config.json)')
     meta = raw.pop("meta", {})
     try:
         cfg = ModelConfig.from_dict(raw)
@@ -227,7 +261,9 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None =
     try:
         sd = load_file(str(p / "model.safetensors"), device=str(device or "cpu"))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{p}/model.safetensors is corrupt or truncated ({e}); use an earlier checkpoint") from None
+        raise UserError(
+            f"{p}/model.safetensors is corrupt or truncated ({e}); use an earlier checkpoint"
+        ) from None
     extra = {k.removeprefix("extra."): v for k, v in sd.items() if k.startswith("extra.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("extra.")}
     load_state(model, sd, str(p))
@@ -252,4 +288,6 @@ def load_trainer_state(path: str | os.PathLike) -> dict | None:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{f} cannot be loaded safely ({unpickle_refusal(e)}); it is corrupt or not ours") from None
+        raise UserError(
+            f"{f} cannot be loaded safely ({unpickle_refusal(e)}); it is corrupt or not ours"
+        ) from None

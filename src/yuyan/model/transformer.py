@@ -52,15 +52,21 @@ class ModelConfig:
             else:
                 self.d_ff = 4 * self.d_model
         sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim")
-        bad = [f"{k}={v!r}" for k in sizes if isinstance(v := getattr(self, k), bool)
-               or not isinstance(v, numbers.Integral) or v < 1]
+        bad = [
+            f"{k}={v!r}"
+            for k in sizes
+            if isinstance(v := getattr(self, k), bool) or not isinstance(v, numbers.Integral) or v < 1
+        ]
         if bad:  # checked first: the rules below do arithmetic on these
             raise ValueError(f"invalid model config: sizes must be positive integers, got {', '.join(bad)}")
         checks = [
             (self.ffn in ("gelu_mlp", "swiglu"), f"ffn must be gelu_mlp or swiglu, got {self.ffn!r}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}"),
             (self.pos in ("learned", "rope"), f"pos must be learned or rope, got {self.pos!r}"),
-            (self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"),
+            (
+                self.n_head % self.n_kv_head == 0,
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})",
+            ),
             (self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim"),
         ]
         for ok, msg in checks:
@@ -85,10 +91,21 @@ PRESETS: dict[str, dict] = {
     "demo": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, d_model=128),
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768),
     "gpt2-medium": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024),
-    "llama-tiny": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, d_model=128, **_LLAMA),
+    "llama-tiny": dict(
+        vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, d_model=128, **_LLAMA
+    ),
     # Llama-3.2-1B shape
-    "llama-1b": dict(vocab_size=128256, block_size=8192, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
-                     d_ff=8192, rope_theta=500000.0, **{**_LLAMA, "tie_embeddings": True}),
+    "llama-1b": dict(
+        vocab_size=128256,
+        block_size=8192,
+        n_layer=16,
+        n_head=32,
+        n_kv_head=8,
+        d_model=2048,
+        d_ff=8192,
+        rope_theta=500000.0,
+        **{**_LLAMA, "tie_embeddings": True},
+    ),
 }
 
 
@@ -106,8 +123,14 @@ class KVCache:
     exactly the slots < lengths[b]+t+1. The caller advances `lengths` after the forward pass.
     """
 
-    def __init__(self, config: ModelConfig, batch: int, max_len: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.max_len = max_len or config.block_size
         shape = (config.n_layer, batch, config.n_kv_head, self.max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -190,7 +213,12 @@ class Norm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, config.n_head, config.n_kv_head, config.head_dim
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = (
+            layer,
+            config.n_head,
+            config.n_kv_head,
+            config.head_dim,
+        )
         self.dropout = config.dropout
         self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
@@ -224,8 +252,13 @@ class Attention(nn.Module):
             y = F.dropout(att, self.dropout, self.training) @ vr
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0, enable_gqa=rep > 1,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=rep > 1,
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
@@ -288,9 +321,15 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
-               attn_weights: list | None = None, hidden_states: list | None = None,
-               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_weights: list | None = None,
+        hidden_states: list | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final normalised hidden states (B, T, d_model).
 
         idx: (B, T) token ids. pos: (B, T) positions; default cache.lengths[b] + t, or 0..T-1 without a cache.
@@ -305,7 +344,9 @@ class Transformer(nn.Module):
             start = cache.lengths[:, None] if cache is not None else 0
             pos = start + torch.arange(T, device=device)[None, :].expand(B, T)
         if int(pos.max()) >= self.config.block_size and self.config.pos == "learned":
-            raise ValueError(f"position {int(pos.max())} is beyond the context of {self.config.block_size} tokens")
+            raise ValueError(
+                f"position {int(pos.max())} is beyond the context of {self.config.block_size} tokens"
+            )
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
         rope = None
         if self.config.pos == "learned":
@@ -324,8 +365,14 @@ class Transformer(nn.Module):
             hidden_states.append(x)
         return x
 
-    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
-                attn_weights: list | None = None, hidden_states: list | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_weights: list | None = None,
+        hidden_states: list | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab_size)."""
         return self.lm_head(self.hidden(idx, pos, cache, attn_weights, hidden_states))
 
