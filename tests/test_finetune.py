@@ -464,3 +464,22 @@ def test_docstring_pairs_and_demo_recipe(tmp_path, tokenizer):
     assert set(s) >= {"rouge_l_before", "rouge_l_after", "bleu_before", "bleu_after"}
     assert 0 <= s["rouge_l_after"] <= 100 and s["eval_pairs"] == min(8, len(val)) and s["steps"] > 0
     assert json.loads((tmp_path / "doc" / "docstring_scores.json").read_text())["steps"] == s["steps"]
+
+
+def test_demo_finetune_flag_reports_docstring_scores(run_cli, tmp_path):
+    """`yuyan demo --finetune`: pre-train, fine-tune on the docstring task, print ROUGE-L/BLEU; a re-run reuses it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):
+        (corpus / f"mod_{i}.py").write_text(MODULE.replace("{i}", str(i)), encoding="utf-8")
+    out = tmp_path / "demo"
+    tiny = ["--data.vocab_size", "300", "--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2",
+            "--model.block_size", "96", "--train.batch_size", "4"]  # fmt: skip
+    args = ["demo", "--minutes", "0.05", "--out", out, "--corpus", corpus, "--finetune", "--finetune-minutes", "0.05"]
+    p = run_cli(*args, *tiny, check=True)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("docstring task"))
+    scores = json.loads((out / "finetune" / "docstring_scores.json").read_text())
+    assert f"ROUGE-L {scores['rouge_l_before']:.1f} -> {scores['rouge_l_after']:.1f}" in line
+    assert scores["eval_pairs"] > 0 and (out / "finetune" / "final" / "model.safetensors").exists()
+    again = run_cli(*args, *tiny, check=True)
+    assert line in again.stdout

@@ -88,7 +88,7 @@ class ModelConfig:
 _LLAMA = dict(ffn="swiglu", norm="rmsnorm", pos="rope", bias=False, tie_embeddings=False, norm_eps=1e-5)
 PRESETS: dict[str, dict] = {
     # sized for the 5-minute, 2-core CPU budget of `yuyan demo` (see BENCHMARKS.md for the sweep)
-    "demo": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, d_model=128),
+    "demo": dict(vocab_size=4096, block_size=128, n_layer=4, n_head=4, d_model=128),
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768),
     "gpt2-medium": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024),
     "llama-tiny": dict(

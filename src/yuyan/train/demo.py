@@ -34,10 +34,10 @@ def demo_config(minutes: float = 5.0, out: str = "runs/demo", corpus: str = "std
         model=ModelSection(preset="demo"),
         data=DataSection(corpus=corpus, vocab_size=4096),
         train=TrainSection(
-            batch_size=16,
+            batch_size=32,
             grad_accum=1,
-            lr=3e-3,
-            min_lr=3e-4,
+            lr=6e-3,
+            min_lr=6e-4,
             warmup=50,
             schedule="cosine",
             weight_decay=0.1,
