@@ -287,6 +287,7 @@ def test_split_lm_head_equals_plain(monkeypatch):
 
     model = _model("gpt2")
     h = torch.randn(1, 32)
+    monkeypatch.setattr(eng, "SPLIT_LM_HEAD", True)
     monkeypatch.setattr(eng, "SPLIT_MIN_ROWS", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert eng._split_ok(model, h)

@@ -147,7 +147,9 @@ def _cache_dtype(model: Transformer) -> torch.dtype:
 
 
 _POOL: ThreadPoolExecutor | None = None
-SPLIT_LM_HEAD = True  # measured switch (BENCHMARKS.md "## Generation"): two-thread lm_head matvec on CPU
+# Two-thread lm_head matvec on CPU: off by default, since on a quiet machine it measured slower (23.4 vs
+# 25.5 tok/s at batch 1 on the 124M shape, BENCHMARKS.md "## Generation"); switchable for other CPUs.
+SPLIT_LM_HEAD = False
 SPLIT_MIN_ROWS = 8192  # smaller heads are cheap enough that a thread hand-off costs more than it saves
 
 
