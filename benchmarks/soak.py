@@ -341,6 +341,9 @@ def main() -> None:
     ap.add_argument("--fuzz", type=int, default=10_000)
     ap.add_argument("--preset", default="demo", help="model preset for the random-weight model")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="soak rounds; RSS after each shows whether memory plateaus"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _make_model(Path(tmp), args.preset)
@@ -366,13 +369,16 @@ def main() -> None:
             # warm up (allocations, first batches), then take the starting RSS
             soak(base, name, clients=args.clients, seconds=3, max_tokens=args.max_tokens, seed=99)
             rss0 = _rss_kb(proc.pid)
+            rss_rounds = []
             t0 = time.time()
-            s = soak(base, name, clients=args.clients, seconds=args.seconds, max_tokens=args.max_tokens)
+            for _ in range(max(1, args.rounds)):
+                s = soak(base, name, clients=args.clients, seconds=args.seconds, max_tokens=args.max_tokens)
+                time.sleep(2)
+                rss_rounds.append(round(_rss_kb(proc.pid) / 1024, 1))
             soak_s = time.time() - t0
-            time.sleep(2)
             rss1 = _rss_kb(proc.pid)
             t0 = time.time()
-            f = fuzz(base, name, n=args.fuzz)
+            f = fuzz(base, name, n=args.fuzz) if args.fuzz > 0 else {}
             fuzz_s = time.time() - t0
             rss2 = _rss_kb(proc.pid)
         finally:
@@ -396,17 +402,18 @@ def main() -> None:
                 "health_failures": s.get("health_failures", 0),
                 "rss_mb_before": round(rss0 / 1024, 1),
                 "rss_mb_after_soak": round(rss1 / 1024, 1),
+                "rss_mb_after_each_round": rss_rounds,
                 "rss_mb_after_fuzz": round(rss2 / 1024, 1),
                 "health_ms_saturated": {
                     k: round(v, 2) if isinstance(v, float) else v for k, v in s["health_ms"].items()
                 },
                 "health_ms_idle_p50": round(idle_p50, 2),
                 "ratio_health_p95_saturated_over_idle": round(s["health_ms"]["p95"] / idle_p50, 2),
-                "fuzz_requests": f["requests"],
-                "fuzz_by_status": f["by_status"],
-                "fuzz_5xx": f["server_errors"],
-                "fuzz_generated_200": f["generated"],
-                "fuzz_failures": f["failures"],
+                "fuzz_requests": f.get("requests"),
+                "fuzz_by_status": f.get("by_status"),
+                "fuzz_5xx": f.get("server_errors"),
+                "fuzz_generated_200": f.get("generated"),
+                "fuzz_failures": f.get("failures"),
                 "fuzz_wall_s": round(fuzz_s, 1),
             }
         )

@@ -235,6 +235,10 @@ def test_absurd_config_refused_before_allocation(tmp_path, tokenizer, monkeypatc
     _edit_json(p / "config.json", vocab_size=tokenizer.vocab_size, n_layer=10**7)
     with pytest.raises(UserError, match="layers"):
         yuyan.load(p)
+    if kind == "ours":  # rotary positions have no parameters, but a KV cache would be sized from block_size
+        _edit_json(p / "config.json", n_layer=2, pos="rope", block_size=10**9)
+        with pytest.raises(UserError, match="context of 1000000000 positions"):
+            yuyan.load(p)
 
 
 # ------------------------------------------------------------------------------------------------ kills

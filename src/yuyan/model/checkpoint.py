@@ -29,6 +29,7 @@ from yuyan.tokenizer import Tokenizer
 FORMAT, VERSION = "yuyan", 1
 MAX_PARAMS = 200e9  # a config asking for more is refused before anything is allocated
 MAX_LAYERS = 1024  # the deepest real models have ~130; a hostile n_layer would build millions of modules
+MAX_CONTEXT = 1 << 21  # 2M positions (Llama 3.1 has 128k); a hostile block_size would size KV caches from it
 
 
 @dataclass
@@ -192,6 +193,10 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> T
         raise UserError(
             f"config asks for {est:.3g} parameters in {cfg.n_layer} layers (limits {MAX_PARAMS:.0e}, "
             f"{MAX_LAYERS} layers); the config is corrupt or absurd"
+        )
+    if cfg.block_size > MAX_CONTEXT:
+        raise UserError(
+            f"config asks for a context of {cfg.block_size} positions (limit {MAX_CONTEXT}); the config is corrupt or absurd"
         )
     with torch.device("meta"):
         m = Transformer(cfg)
