@@ -369,12 +369,14 @@ def main() -> None:
             # warm up (allocations, first batches), then take the starting RSS
             soak(base, name, clients=args.clients, seconds=3, max_tokens=args.max_tokens, seed=99)
             rss0 = _rss_kb(proc.pid)
-            rss_rounds = []
+            rss_rounds, errors_rounds, hung_rounds = [], [], []
             t0 = time.time()
             for _ in range(max(1, args.rounds)):
                 s = soak(base, name, clients=args.clients, seconds=args.seconds, max_tokens=args.max_tokens)
                 time.sleep(2)
                 rss_rounds.append(round(_rss_kb(proc.pid) / 1024, 1))
+                errors_rounds.append(s["server_errors"])
+                hung_rounds.append(s["hung"])
             soak_s = time.time() - t0
             rss1 = _rss_kb(proc.pid)
             t0 = time.time()
@@ -403,6 +405,8 @@ def main() -> None:
                 "rss_mb_before": round(rss0 / 1024, 1),
                 "rss_mb_after_soak": round(rss1 / 1024, 1),
                 "rss_mb_after_each_round": rss_rounds,
+                "server_errors_5xx_each_round": errors_rounds,
+                "hung_each_round": hung_rounds,
                 "rss_mb_after_fuzz": round(rss2 / 1024, 1),
                 "health_ms_saturated": {
                     k: round(v, 2) if isinstance(v, float) else v for k, v in s["health_ms"].items()

@@ -62,11 +62,16 @@ def tiny_model(family) -> Transformer:
     return Transformer(tiny_config(family)).eval()
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path, tokenizer, family) -> Path:
+def make_checkpoint(path: Path, tokenizer: Tokenizer, family: str = "gpt2") -> Path:
+    """A tiny seeded model of `family` saved with `tokenizer` as a checkpoint folder at `path`."""
     torch.manual_seed(0)
     model = Transformer(tiny_config(family, vocab_size=tokenizer.vocab_size))
-    return save_checkpoint(tmp_path / f"ckpt-{family}", model, tokenizer)
+    return save_checkpoint(path, model, tokenizer)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tokenizer, family) -> Path:
+    return make_checkpoint(tmp_path / f"ckpt-{family}", tokenizer, family)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
-from tests.conftest import tiny_config
+from tests.conftest import make_checkpoint, tiny_config
 
 from yuyan.evaluate.perplexity import encode_for_scoring, perplexity, token_nll, windows
 from yuyan.evaluate.report import compare, compare_markdown, read_result, write_result
@@ -175,11 +175,9 @@ def test_report_and_compare(tmp_path):
 
 
 def _classifier_checkpoint(tmp_path, tokenizer):
-    from tests.conftest import tiny_config
 
     from yuyan.model.checkpoint import save_checkpoint
     from yuyan.model.heads import Classifier
-    from yuyan.model.transformer import Transformer
 
     torch.manual_seed(0)
     clf = Classifier(
@@ -216,17 +214,8 @@ def test_speed_reports_everything(tiny_model):
         assert r[k] > 0
 
 
-def _gpt2_checkpoint(tmp_path, tokenizer):
-    from yuyan.model.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    return save_checkpoint(
-        tmp_path / "ckpt", Transformer(tiny_config(vocab_size=tokenizer.vocab_size)), tokenizer
-    )
-
-
 def test_cli_eval_commands(run_cli, tmp_path, tokenizer):
-    ckpt = _gpt2_checkpoint(tmp_path, tokenizer)  # the CLI runs once, on one family
+    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer)  # the CLI runs once, on one family
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n" * 20, encoding="utf-8")
     out = tmp_path / "out"

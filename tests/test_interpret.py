@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tests.conftest import tiny_config
+from tests.conftest import make_checkpoint, tiny_config
 
 from yuyan.errors import UserError
 from yuyan.evaluate.perplexity import perplexity
@@ -201,17 +201,8 @@ def test_occlusion_finds_the_sentiment_word(sentiment_classifier, tmp_path):
     assert "occlusion" in r["html"].read_text(encoding="utf-8")
 
 
-def _gpt2_checkpoint(tmp_path, tokenizer):
-    from yuyan.model.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    return save_checkpoint(
-        tmp_path / "ckpt", Transformer(tiny_config(vocab_size=tokenizer.vocab_size)), tokenizer
-    )
-
-
 def test_cli_inspect_commands(run_cli, tmp_path, tokenizer):
-    tiny_checkpoint = _gpt2_checkpoint(tmp_path, tokenizer)  # the CLI runs once, on one family
+    tiny_checkpoint = make_checkpoint(tmp_path / "ckpt", tokenizer)  # the CLI runs once, on one family
     out = tmp_path / "o"
     r = run_cli(
         "inspect", "attention", "--model", tiny_checkpoint, "--prompt", TEXT, "--out", out, check=True
