@@ -18,12 +18,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from yuyan.model.hf import hf_to_ours
 from yuyan.model.transformer import Transformer, preset
 
 
 def ours_step(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> float:
-    logits = model(x)  # (B, T, V)
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    loss = model(x, targets=y)  # the training loss as the loop computes it: lm_head fused with cross entropy
     loss.backward()
     model.zero_grad(set_to_none=True)
     return loss.item()
@@ -59,18 +59,22 @@ def main() -> None:
     hf_cfg = GPT2Config(n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ref = GPT2LMHeadModel(hf_cfg).train()  # dropout 0 in both: ModelConfig's default
     assert ours.num_params() == sum(p.numel() for p in ref.parameters())
+    # the same weights in both (the lm_head is tied), so the two losses must agree
+    ours.load_state_dict(hf_to_ours(ref.state_dict(), ours, "gpt2", "benchmark"), strict=False)
 
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     runs = {"ours": (ours_step, ours), "transformers": (hf_step, ref)}
     times: dict[str, list[float]] = {k: [] for k in runs}
+    losses: dict[str, float] = {}
     for i in range(args.warmup + args.steps):
         for name, (step, model) in runs.items():
             t0 = time.perf_counter()
-            step(model, x, y)
+            losses[name] = step(model, x, y)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
+    assert abs(losses["ours"] - losses["transformers"]) < 1e-4, losses
     tokens = args.batch * args.seq
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     best = {
@@ -91,6 +95,7 @@ def main() -> None:
                 "transformers_tokens_per_s": round(tps["transformers"], 1),
                 "ratio": round(tps["ours"] / tps["transformers"], 3),
                 "best_step_ratio": round(best["ours"] / best["transformers"], 3),
+                "loss": {k: round(v, 6) for k, v in losses.items()},
                 "step_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
             }
         )

@@ -167,3 +167,46 @@ def test_flops_per_token_against_torch_flop_counter(family):
     # the 124M GPT-2: ~6N training FLOPs per token plus attention, N counted with the lm_head matmul
     g = _meta(Transformer, preset("gpt2"))
     assert 6 * 124e6 < g.flops_per_token(1024, training=True) < 6 * 124e6 * 1.3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fused_loss_matches_plain_cross_entropy(family, monkeypatch):
+    """model(x, targets=y) — lm_head fused with cross-entropy, in row blocks — equals F.cross_entropy on
+    the full logits, loss and every parameter's gradient, with ignored targets."""
+    from yuyan.model import loss as L
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(family)).double()
+    x = torch.randint(0, model.config.vocab_size, (3, 11))
+    y = torch.roll(x, -1, 1)
+    y[0, :4] = -100
+    monkeypatch.setattr(L, "BLOCK_BYTES", 5 * 4 * model.config.vocab_size)  # blocks of 5 of the 33 rows
+    fused = model(x, targets=y)
+    fused.mul(0.5).backward()
+    g_fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(x)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    plain.mul(0.5).backward()
+    # the fused path keeps float32 logits even for a float64 model, hence 1e-6
+    assert abs(fused.item() - plain.item()) < 1e-6
+    for n, p in model.named_parameters():
+        assert torch.allclose(g_fused[n], p.grad, atol=1e-7, rtol=1e-5), n
+    with torch.no_grad():  # evaluation: loss only
+        assert abs(model(x, targets=y).item() - plain.item()) < 1e-6
+    assert torch.isnan(model(x, targets=torch.full_like(y, -100)))  # like torch: no counted target
+
+
+def test_fused_loss_falls_back_for_wrapped_heads():
+    from yuyan.model.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("llama"))
+    apply_lora(model, rank=2, alpha=4, targets=["lm_head"])
+    torch.nn.init.normal_(model.lm_head.lora_B.weight)  # a non-zero adapter must count in the loss
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    y = torch.roll(x, -1, 1)
+    plain = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert torch.allclose(model(x, targets=y), plain)
+    base = torch.nn.functional.linear(model.hidden(x), model.lm_head.weight)
+    assert not torch.allclose(plain, torch.nn.functional.cross_entropy(base.flatten(0, 1), y.flatten()))

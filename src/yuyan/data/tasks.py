@@ -193,6 +193,8 @@ def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dic
 
 
 def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    if reduction == "mean":  # the training loss: fused lm_head + cross-entropy
+        return model(batch["input_ids"], targets=batch["labels"])
     logits = model(batch["input_ids"])  # (B, T, V)
     return F.cross_entropy(
         logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction=reduction

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from yuyan.model.loss import linear_cross_entropy
+
 
 @dataclass
 class ModelConfig:
@@ -340,13 +342,17 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         device = idx.device if inputs_embeds is None else inputs_embeds.device
+        if self.config.pos == "learned":  # (T - 1 is known without reading the tensor: compile-friendly)
+            last = (
+                T - 1
+                if pos is None and cache is None
+                else int((pos if pos is not None else cache.lengths + T - 1).max())
+            )
+            if last >= self.config.block_size:
+                raise ValueError(f"position {last} is beyond the context of {self.config.block_size} tokens")
         if pos is None:
             start = cache.lengths[:, None] if cache is not None else 0
             pos = start + torch.arange(T, device=device)[None, :].expand(B, T)
-        if int(pos.max()) >= self.config.block_size and self.config.pos == "learned":
-            raise ValueError(
-                f"position {int(pos.max())} is beyond the context of {self.config.block_size} tokens"
-            )
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
         rope = None
         if self.config.pos == "learned":
@@ -372,9 +378,12 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         attn_weights: list | None = None,
         hidden_states: list | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden(idx, pos, cache, attn_weights, hidden_states))
+        """Logits (B, T, vocab_size); given `targets` (B, T), the mean cross-entropy instead (positions
+        with target -100 skipped), fused with lm_head so the (B, T, V) logits are never stored whole."""
+        h = self.hidden(idx, pos, cache, attn_weights, hidden_states)
+        return self.lm_head(h) if targets is None else linear_cross_entropy(h, self.lm_head, targets)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once by parameters()

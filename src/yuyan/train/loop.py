@@ -215,8 +215,7 @@ class LMTask:
         return {"input_ids": x, "labels": y}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(batch["input_ids"])  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        return model(batch["input_ids"], targets=batch["labels"])  # fused lm_head + cross-entropy
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
