@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from yuyan.generate import GenerationConfig, engine, generate
+from yuyan.generate import GenerationConfig, generate
 from yuyan.model.hf import hf_to_ours
 from yuyan.model.quantize import quantize_int8
 from yuyan.model.transformer import Transformer, preset
@@ -100,8 +100,6 @@ def main() -> None:
         run_hf = partial(_run_hf, hf, prompts)
         same = [c[0].token_ids for c in run_ours(16)] == run_hf(16)[:, args.prompt_tokens :].tolist()
         runs = {"ours": run_ours, "hf": run_hf, "int8": partial(_run_ours, int8, prompts)}
-        if batch <= 2:  # A/B of the two-thread lm_head split
-            runs["ours_split"] = partial(_run_ours, ours, prompts, split=True)
         rates = decode_rates(runs, batch, args.new_tokens, args.repeats)
         r_ours, r_hf, r_int8 = rates["ours"], rates["hf"], rates["int8"]
         result[f"b{batch}"] = {
@@ -112,21 +110,14 @@ def main() -> None:
             "int8_speedup": round(r_int8 / r_ours, 2),
             "greedy_tokens_match_hf": same,
         }
-        if "ours_split" in rates:
-            result[f"b{batch}"]["ours_lm_head_split_tok_s"] = round(rates["ours_split"], 1)
         if batch == 1:
             result["b1"]["fraction_of_roofline"] = round(r_ours / (bw / bytes_per_step), 2)
     print(json.dumps(result))
 
 
-def _run_ours(model: Transformer, prompts: torch.Tensor, new: int, split: bool | None = None):
+def _run_ours(model: Transformer, prompts: torch.Tensor, new: int):
     cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_token_ids=[])
-    before = engine.SPLIT_LM_HEAD
-    engine.SPLIT_LM_HEAD = before if split is None else split  # None: the engine's default
-    try:
-        return generate(model, None, prompts.tolist(), cfg)
-    finally:
-        engine.SPLIT_LM_HEAD = before
+    return generate(model, None, prompts.tolist(), cfg)
 
 
 def _run_hf(hf, prompts: torch.Tensor, new: int):

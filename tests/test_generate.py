@@ -282,18 +282,40 @@ def test_penalties_change_greedy_output():
     assert len(set(plain)) < 20
 
 
-def test_split_lm_head_equals_plain(monkeypatch):
-    import yuyan.generate.engine as eng
+def test_decode_layout_keeps_values_outputs_training_and_checkpoints(tmp_path, tokenizer):
+    """generate() stores linear weights column-major for fast skinny products; nothing else may change."""
+    from yuyan.generate.engine import decode_layout
+    from yuyan.model.checkpoint import load_checkpoint, save_checkpoint
 
-    model = _model("gpt2")
-    h = torch.randn(1, 32)
-    monkeypatch.setattr(eng, "SPLIT_LM_HEAD", True)
-    monkeypatch.setattr(eng, "SPLIT_MIN_ROWS", 0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert eng._split_ok(model, h)
-    torch.testing.assert_close(eng._logits(model, h), model.lm_head(h), atol=1e-6, rtol=0)
-    cfg = GenerationConfig(max_new_tokens=8, **GREEDY)
-    assert generate(model, None, [[1, 2, 3]], cfg)[0][0].token_ids == generate_naive(model, [1, 2, 3], 8)
+    model = _model("gpt2", vocab_size=tokenizer.vocab_size)
+    ref = _model("gpt2", vocab_size=tokenizer.vocab_size)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randint(0, model.config.vocab_size, (2, 12))
+    before = model(x)
+    decode_layout(model)
+    w = model.layers[0].mlp.up_proj.weight
+    assert w.shape == ref.layers[0].mlp.up_proj.weight.shape and w.stride() == (1, w.shape[0])
+    assert model.lm_head.weight is model.embed_tokens.weight  # still tied
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True)
+    )
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    cfg = GenerationConfig(max_new_tokens=10, **GREEDY)
+    assert generate(model, None, [[1, 2, 3]], cfg)[0][0].token_ids == generate_naive(ref, [1, 2, 3], 10)
+    decode_layout(model)  # idempotent
+    assert w.stride() == (1, w.shape[0])
+    # it still trains to the same gradients, and saves and loads
+    for m in (model, ref):
+        m.train()
+        m(x, targets=torch.roll(x, -1, 1)).backward()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=n)
+    save_checkpoint(tmp_path / "ck", model, tokenizer)
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.model.state_dict().values(), ref.state_dict().values(), strict=True)
+    )
 
 
 def test_stream_releases_held_back_text_at_the_end(tokenizer):

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from yuyan.errors import UserError
@@ -146,39 +144,28 @@ def _cache_dtype(model: Transformer) -> torch.dtype:
     return model.embed_tokens.weight.dtype
 
 
-_POOL: ThreadPoolExecutor | None = None
-# Two-thread lm_head matvec on CPU: off by default, since on a quiet machine it measured slower (23.4 vs
-# 25.5 tok/s at batch 1 on the 124M shape, BENCHMARKS.md "## Generation"); switchable for other CPUs.
-SPLIT_LM_HEAD = False
-SPLIT_MIN_ROWS = 8192  # smaller heads are cheap enough that a thread hand-off costs more than it saves
-
-
-def _split_ok(model: Transformer, h: torch.Tensor) -> bool:
-    """MKL runs a one-row matrix-vector product on one core; GPT-2's lm_head (154 MB) then reads memory at
-    single-core speed. Two halves on two threads (torch ops release the GIL) use both cores (PERF-NOTES)."""
-    head = model.lm_head
-    return (
-        SPLIT_LM_HEAD
-        and h.device.type == "cpu"
-        and h.shape[0] <= 2
-        and type(head) is nn.Linear
-        and head.weight.shape[0] >= SPLIT_MIN_ROWS
-        and torch.get_num_threads() >= 2
-    )
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Store every linear weight of a CPU model column-major: the same (out, in) tensor and values, kept in
+    memory as its contiguous (in, out) transpose, so that F.linear runs x @ W^T as a plain product with a
+    contiguous (in, out) matrix. For the skinny products of decoding (1-8 rows) MKL is much faster that way
+    round: GPT-2's lm_head at 8 rows 11.9 -> 7.0 ms, a 768x3072 layer 0.62 -> 0.50 ms; at 1 row and for
+    training-sized products it is the same (BENCHMARKS.md "## Generation"). Hugging Face GPT-2 keeps its
+    Conv1D weights this way for the same reason. Idempotent; the model still trains, saves (checkpoints
+    write contiguous copies) and loads as before. Tied weights are re-laid once.
+    """
+    if _device(model).type != "cpu":
+        return model
+    for m in model.modules():
+        w = m.weight if type(m) is nn.Linear else None
+        if w is not None and w.dim() == 2 and w.is_contiguous() and w.shape[0] > 1:
+            with torch.no_grad():
+                w.data = w.data.t().contiguous().t()
+    return model
 
 
 def _logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
     """lm_head on gathered hidden rows (B, d) -> float32 logits (B, V)."""
-    global _POOL
-    if not _split_ok(model, h):
-        return model.lm_head(h).float()
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(1, thread_name_prefix="yuyan-lm-head")
-    w = model.lm_head.weight.detach()  # grad mode is per thread: the worker must not record autograd
-    half = w.shape[0] // 2
-    other = _POOL.submit(F.linear, h.detach(), w[half:])
-    first = F.linear(h, w[:half])
-    return torch.cat((first, other.result()), dim=-1).float()
+    return model.lm_head(h).float()
 
 
 def prepare_prompts(
@@ -225,7 +212,7 @@ def prepare_prompts(
 
 
 @torch.inference_mode()
-def _prefill(model: Transformer, cache: KVCache, rows: list[int], seqs: list[list[int]]) -> torch.Tensor:
+def prefill(model: Transformer, cache: KVCache, rows: list[int], seqs: list[list[int]]) -> torch.Tensor:
     """Write seqs (right-padded) into cache rows `rows` from position 0; return logits at each last token (R, V)."""
     dev = cache.k.device
     lens = torch.tensor([len(s) for s in seqs], device=dev)
@@ -259,7 +246,7 @@ def _step(model: Transformer, cache: KVCache, tokens: torch.Tensor) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------ rows
-class _Row:
+class Row:
     """Book-keeping of one output sequence: tokens, window start, streamed text, stop conditions."""
 
     def __init__(self, prompt: list[int], tokenizer: Tokenizer | None, stop: list[str]):
@@ -335,7 +322,7 @@ def _decode(
     prompts: list[list[int]],
     config: GenerationConfig,
     on_logits: Callable[[list[int], torch.Tensor], None] | None = None,
-) -> Iterator[list[_Row]]:
+) -> Iterator[list[Row]]:
     """Sampling/greedy decode of prompts x n rows; yields the row list after every step (for streaming).
 
     on_logits(row ids, logits (B, V)) sees the raw next-token logits of the live rows before each choice.
@@ -346,7 +333,7 @@ def _decode(
     n = config.n
     stop_ids = _stop_ids(tokenizer, config)
     stop_t = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
-    rows = [_Row(p, tokenizer, config.stop) for p in prompts for _ in range(n)]
+    rows = [Row(p, tokenizer, config.stop) for p in prompts for _ in range(n)]
     R = len(rows)
     params = [config.sampling_params() for _ in rows]
     gens = [
@@ -366,7 +353,7 @@ def _decode(
         if n == 1
         else KVCache(model.config, len(prompts), max_len=max_len, device=dev, dtype=cache.k.dtype)
     )
-    logits = _prefill(model, pcache, list(range(len(prompts))), prompts)
+    logits = prefill(model, pcache, list(range(len(prompts))), prompts)
     if n > 1:
         expand = torch.arange(len(prompts), device=dev).repeat_interleave(n)
         pcache.reorder(expand)
@@ -447,7 +434,7 @@ def _decode(
 
 def _prefill_rows(model: Transformer, cache: KVCache, rows: list[int], seqs: list[list[int]]) -> None:
     if seqs and min(len(s) for s in seqs) > 0:
-        _prefill(model, cache, rows, seqs)
+        prefill(model, cache, rows, seqs)
     else:  # a window of one token: nothing before it to prefill
         cache.lengths[torch.tensor(rows, device=cache.lengths.device)] = 0
 
@@ -470,7 +457,7 @@ def _beam_search(
     cache = KVCache(
         model.config, P, max_len=max(len(p) for p in prompts) + N, device=dev, dtype=_cache_dtype(model)
     )
-    logits = _prefill(model, cache, list(range(P)), prompts)
+    logits = prefill(model, cache, list(range(P)), prompts)
     expand = torch.arange(P, device=dev).repeat_interleave(K)
     cache.reorder(expand)
     logits = logits.index_select(0, expand)  # (P*K, V)
@@ -541,7 +528,7 @@ def generate(
 ) -> list[list[Completion]]:
     """Generate config.n completions for each prompt (text or token ids). Returns one list per prompt."""
     config = (config or GenerationConfig()).validate()
-    model.eval()
+    decode_layout(model.eval())
     ids = prepare_prompts(tokenizer, prompts, config, model.config.block_size, model.config.vocab_size)
     if config.num_beams > 1:
         stop_ids = _stop_ids(tokenizer, config)
@@ -549,7 +536,7 @@ def generate(
         for p, res in zip(ids, _beam_search(model, ids, config, stop_ids), strict=True):
             comps = []
             for toks, ended in res:
-                row = _Row(p, tokenizer, config.stop)
+                row = Row(p, tokenizer, config.stop)
                 for t in toks:
                     if row.finish is None:
                         row.add(t)
@@ -573,7 +560,7 @@ def stream(
     config = (config or GenerationConfig()).validate()
     if config.num_beams > 1 or config.n > 1:
         raise UserError("streaming gives one completion: use num_beams 1 and n 1, or call generate()")
-    model.eval()
+    decode_layout(model.eval())
     ids = prepare_prompts(tokenizer, [prompt], config, model.config.block_size, model.config.vocab_size)
     for rows in _decode(model, tokenizer, ids, config):
         piece = rows[0].safe_text()

@@ -4,10 +4,10 @@ The scheduler keeps a batch `KVCache` of `max_batch` rows. Active rows are kept 
 (rows 0..B-1): a finished or cancelled row is replaced by the last active row (`copy_row`), so every step
 is ONE forward pass of B tokens (T=1 per row) at per-row positions `cache.lengths[:B]`. New requests wait
 in a bounded queue; at each step the waiting requests that fit are prefilled together (right-padded, with
-the engine's `_prefill`) straight into free rows, and a request with n > 1 is prefilled once and copied to
+the engine's `prefill`) straight into free rows, and a request with n > 1 is prefilled once and copied to
 its n rows. Sampling uses the batched per-row processors of `sampling.py` with each row's own settings and
 its own `torch.Generator` (seed + j for choice j, as in `engine.generate`), so a seeded request gives the
-same tokens alone or among many. Text, stop strings and streaming hold-back are the engine's `_Row`.
+same tokens alone or among many. Text, stop strings and streaming hold-back are the engine's `Row`.
 Every sampled token is pushed to the request as a `Token` event (id, safe text piece, logprob, top
 alternatives); each finished choice sends `Finished`; an internal failure sends `Failed`. Consumers either
 pass an `emit` callback (the server hands events to its event loop) or iterate the `Handle`.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from yuyan.errors import UserError
-from yuyan.generate.engine import _prefill, _Row
+from yuyan.generate.engine import Row, decode_layout, prefill
 from yuyan.generate.sampling import (
     SamplingParams,
     logprobs_topk,
@@ -102,7 +102,7 @@ class _Request:
 class _Slot:
     req: _Request
     index: int
-    row: _Row
+    row: Row
     gen: torch.Generator | None
     params: SamplingParams
 
@@ -153,7 +153,7 @@ class Scheduler:
     ):
         if max_batch < 1 or max_queue < 0:
             raise UserError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.model = model.eval()
+        self.model = decode_layout(model.eval())
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or model.config.block_size, model.config.block_size)
@@ -430,7 +430,7 @@ class Scheduler:
             rows.append(at)
             seqs.append(r.prompt)
             at += r.params.n
-        new_logits = _prefill(self.model, self.cache, rows, seqs)  # (R, V) logits after each prompt
+        new_logits = prefill(self.model, self.cache, rows, seqs)  # (R, V) logits after each prompt
         per_row = []
         for r, row0, lg in zip(reqs, rows, new_logits, strict=True):
             pm = torch.zeros(self.prompt_mask.shape[1], dtype=torch.bool, device=self.device)
@@ -446,7 +446,7 @@ class Scheduler:
                     _Slot(
                         r,
                         j,
-                        _Row(r.prompt, self.tokenizer, r.stop),
+                        Row(r.prompt, self.tokenizer, r.stop),
                         make_generator(seed, self.device),
                         r.params,
                     )

@@ -161,13 +161,12 @@ class KVCache:
         self.v[:, dst, :, :n] = src.v[:, src_row, :, :n]
         self.lengths[dst] = n
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        """Write k, v (B, Hkv, T, D) at positions pos (B, T); return the filled prefix of this layer."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, S: int):
+        """Write k, v (B, Hkv, T, D) at positions pos (B, T); return this layer's first S slots (B, Hkv, S, D)."""
         B, H, T, D = k.shape
         idx = pos[:, None, :, None].expand(B, H, T, D)
         self.k[layer, :B].scatter_(2, idx, k.to(self.k.dtype))
         self.v[layer, :B].scatter_(2, idx, v.to(self.v.dtype))
-        S = int(pos.max()) + 1
         return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S]
 
 
@@ -228,7 +227,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
         self.o_proj.residual = True
 
-    def forward(self, x, pos, rope, cache: KVCache | None, attn_weights: list | None):
+    def forward(
+        self, x, pos, rope, cache: KVCache | None, mask: torch.Tensor | None, attn_weights: list | None
+    ):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -237,11 +238,7 @@ class Attention(nn.Module):
             cos, sin = rope  # (B, 1, T, D)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, pos)  # (B, Hkv, S, D)
-            # query at position p sees slots 0..p of its own row: (B, 1, T, S)
-            mask = torch.arange(k.shape[2], device=x.device)[None, None, None, :] <= pos[:, None, :, None]
-        else:
-            mask = None
+            k, v = cache.update(self.layer, k, v, pos, mask.shape[-1])  # (B, Hkv, S, D)
         rep = self.n_head // self.n_kv_head
         if attn_weights is not None:  # explicit path, returns the weights for inspection
             kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -291,8 +288,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, pos, rope, cache, attn_weights):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), pos, rope, cache, attn_weights))
+    def forward(self, x, pos, rope, cache, mask, attn_weights):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), pos, rope, cache, mask, attn_weights))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -361,11 +358,15 @@ class Transformer(nn.Module):
             freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D): HF rotate-half layout
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        mask = None  # without a cache: causal
+        if cache is not None:  # query at position p sees slots 0..p of its own row: (B, 1, T, S)
+            S = int(pos.max()) + 1
+            mask = torch.arange(S, device=device)[None, None, None, :] <= pos[:, None, :, None]
         x = self.drop(x)
         for block in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = block(x, pos, rope, cache, attn_weights)
+            x = block(x, pos, rope, cache, mask, attn_weights)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)
