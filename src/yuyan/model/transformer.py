@@ -339,17 +339,15 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         device = idx.device if inputs_embeds is None else inputs_embeds.device
-        if self.config.pos == "learned":  # (T - 1 is known without reading the tensor: compile-friendly)
-            last = (
-                T - 1
-                if pos is None and cache is None
-                else int((pos if pos is not None else cache.lengths + T - 1).max())
-            )
-            if last >= self.config.block_size:
-                raise ValueError(f"position {last} is beyond the context of {self.config.block_size} tokens")
+        # the last position; known without reading a tensor when there is no cache (compile-friendly)
+        last = T - 1 if cache is None and pos is None else None
         if pos is None:
             start = cache.lengths[:, None] if cache is not None else 0
             pos = start + torch.arange(T, device=device)[None, :].expand(B, T)
+        if last is None and (cache is not None or self.config.pos == "learned"):
+            last = int(pos.max())
+        if self.config.pos == "learned" and last >= self.config.block_size:
+            raise ValueError(f"position {last} is beyond the context of {self.config.block_size} tokens")
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
         rope = None
         if self.config.pos == "learned":
@@ -360,8 +358,7 @@ class Transformer(nn.Module):
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         mask = None  # without a cache: causal
         if cache is not None:  # query at position p sees slots 0..p of its own row: (B, 1, T, S)
-            S = int(pos.max()) + 1
-            mask = torch.arange(S, device=device)[None, None, None, :] <= pos[:, None, :, None]
+            mask = torch.arange(last + 1, device=device)[None, None, None, :] <= pos[:, None, :, None]
         x = self.drop(x)
         for block in self.layers:
             if hidden_states is not None:
