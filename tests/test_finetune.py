@@ -475,18 +475,8 @@ def test_demo_finetune_flag_reports_docstring_scores(run_cli, tmp_path):
     out = tmp_path / "demo"
     tiny = ["--data.vocab_size", "300", "--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2",
             "--model.block_size", "96", "--train.batch_size", "4"]  # fmt: skip
-    args = [
-        "demo",
-        "--minutes",
-        "0.05",
-        "--out",
-        out,
-        "--corpus",
-        corpus,
-        "--finetune",
-        "--finetune-minutes",
-        "0.05",
-    ]
+    args = ["demo", "--minutes", "0.05", "--out", out, "--corpus", corpus,
+            "--finetune", "--finetune-minutes", "0.05"]  # fmt: skip
     p = run_cli(*args, *tiny, check=True)
     line = next(x for x in p.stdout.splitlines() if x.startswith("docstring task"))
     scores = json.loads((out / "finetune" / "docstring_scores.json").read_text())
