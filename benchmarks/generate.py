@@ -3,9 +3,11 @@
 Random weights (nothing is downloaded), fp32, CPU, a 32-token prompt and 128 new tokens, greedy, no
 end-of-text stop. Decode tokens/s = batch * 127 / (time(128 new tokens) - time(1 new token)), so prefill
 is excluded. Also prints the memory-bandwidth roofline (parameter bytes read per step over a measured copy
-bandwidth) and our fraction of it, and the int8 (`quantize_int8`) speed-up over fp32.
+bandwidth) and our fraction of it, the int8 (`quantize_int8`) speed-up over fp32, and greedy speculative
+decoding (`--speculative K`: K tokens drafted by the int8 copy, verified by the fp32 model, so the tokens are
+the fp32 greedy ones; checked in the run).
 
-    .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--repeats 2] [--threads 2]
+    .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--repeats 2] [--threads 2] [--speculative 4]
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument(
+        "--speculative",
+        type=int,
+        default=4,
+        help="also time greedy speculation with K int8 draft tokens (0: off)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -100,6 +108,11 @@ def main() -> None:
         run_hf = partial(_run_hf, hf, prompts)
         same = [c[0].token_ids for c in run_ours(16)] == run_hf(16)[:, args.prompt_tokens :].tolist()
         runs = {"ours": run_ours, "hf": run_hf, "int8": partial(_run_ours, int8, prompts)}
+        if args.speculative:
+            runs["spec"] = partial(_run_ours, ours, prompts, speculative=args.speculative)
+            spec_same = [c[0].token_ids for c in runs["spec"](args.new_tokens)] == [
+                c[0].token_ids for c in run_ours(args.new_tokens)
+            ]
         rates = decode_rates(runs, batch, args.new_tokens, args.repeats)
         r_ours, r_hf, r_int8 = rates["ours"], rates["hf"], rates["int8"]
         result[f"b{batch}"] = {
@@ -110,13 +123,21 @@ def main() -> None:
             "int8_speedup": round(r_int8 / r_ours, 2),
             "greedy_tokens_match_hf": same,
         }
+        if args.speculative:  # the same fp32 greedy tokens, drafted by the int8 copy and verified
+            result[f"b{batch}"].update(
+                {
+                    f"speculative{args.speculative}_tok_s": round(rates["spec"], 1),
+                    "speculative_ratio_to_hf": round(rates["spec"] / r_hf, 2),
+                    "speculative_tokens_equal_ours": spec_same,
+                }
+            )
         if batch == 1:
             result["b1"]["fraction_of_roofline"] = round(r_ours / (bw / bytes_per_step), 2)
     print(json.dumps(result))
 
 
-def _run_ours(model: Transformer, prompts: torch.Tensor, new: int):
-    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_token_ids=[])
+def _run_ours(model: Transformer, prompts: torch.Tensor, new: int, speculative: int = 0):
+    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_token_ids=[], speculative=speculative)
     return generate(model, None, prompts.tolist(), cfg)
 
 

@@ -330,3 +330,40 @@ def test_stream_releases_held_back_text_at_the_end(tokenizer):
         == answer
         == generate(model, tokenizer, [prompt], cfg)[0][0].text
     )
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_speculative_decoding_equals_plain_greedy(family):
+    """Drafting k tokens with the int8 copy (mostly accepted) or with an unrelated model (mostly rejected)
+    and verifying them in one pass gives exactly the plain greedy tokens and finish reasons, for ragged
+    batched prompts, stop tokens hit at different steps, and max_new_tokens inside a round."""
+    from yuyan.generate import speculative
+
+    model = _model(family)
+    torch.manual_seed(1)
+    unrelated = Transformer(tiny_config(family)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    free = generate(model, None, prompts, GenerationConfig(max_new_tokens=24, **GREEDY))
+    stops = [[], [free[1][0].token_ids[6], free[0][0].token_ids[10]]]
+    for stop in stops:
+        for most in (1, 7, 24):
+            cfg = GenerationConfig(max_new_tokens=most, temperature=0, stop_token_ids=stop)
+            want = [(c[0].token_ids, c[0].finish_reason) for c in generate(model, None, prompts, cfg)]
+            if stop and most == 24:  # the stop tokens really end rows
+                assert [r for _, r in want].count("stop") >= 2
+            for draft in (speculative.int8_draft(model), unrelated):
+                for k in (1, 2, 4):
+                    cfg.speculative = k
+                    *_, rows = speculative.decode(model, draft, None, prompts, cfg)
+                    got = [(c.token_ids, c.finish_reason) for c in (r.completion(set(stop)) for r in rows)]
+                    assert got == want, (stop, most, k)
+    # generate() uses it when asked and it applies; sampling, or no room in the context, decode normally
+    cfg = GenerationConfig(max_new_tokens=10, speculative=3, **GREEDY)
+    assert speculative.usable(model, prompts, cfg)
+    assert generate(model, None, prompts, cfg)[1][0].token_ids == free[1][0].token_ids[:10]
+    assert not speculative.usable(model, prompts, GenerationConfig(max_new_tokens=10, speculative=3))
+    assert not speculative.usable(
+        model, prompts, GenerationConfig(max_new_tokens=60, speculative=3, **GREEDY)
+    )
+    with pytest.raises(UserError, match="speculative"):
+        GenerationConfig(speculative=-1).validate()

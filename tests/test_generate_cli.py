@@ -74,6 +74,9 @@ def test_generate_cli(run_cli, tiny_checkpoint, tmp_path):
         check=True,
     )
     assert s.stdout == g.stdout
+    spec = run_cli("generate", "--model", tiny_checkpoint, "--max-new-tokens", "12", "--temperature", "0",
+                   "--speculative", "3", "--stream", input="x = ", check=True)  # fmt: skip
+    assert spec.stdout == g.stdout  # speculative decoding streams the same greedy text
     bad = run_cli("generate", "--model", tiny_checkpoint, "--prompt", "x", "--top-p", "1.5")
     assert bad.returncode == 2 and bad.stderr.startswith("error: invalid sampling setting: top_p")
     assert "Traceback" not in bad.stderr

@@ -100,6 +100,9 @@ def generate_cmd(
     stream: bool = typer.Option(False, "--stream", help="print text as it is generated (one prompt, n 1)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per prompt on stdout"),
     quantize: str = typer.Option(None, "--quantize", help="int8: int8 weights for faster CPU decoding"),
+    speculative: int = typer.Option(
+        0, "--speculative", help="greedy only: draft K tokens a step with an int8 copy (same output, faster)"
+    ),
 ) -> None:
     """Continue a prompt with a model.
 
@@ -109,6 +112,8 @@ def generate_cmd(
     from yuyan.generate import stream as stream_fn
 
     cfg = _config(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, beams, n, seed, stop)
+    cfg.speculative = speculative
+    cfg.validate()
     prompts = _read_prompts(prompt, prompts_file)
     lm = _load(model, quantize)
     with warnings.catch_warnings(record=True) as caught:

@@ -54,6 +54,9 @@ class GenerationConfig:
     logprobs: int | None = None  # report each token's logprob and this many top alternatives
     context_overflow: str = "truncate"  # prompt longer than the context: "truncate" (left, warns) | "error"
     sliding_window: bool = True  # keep generating past the context by dropping the oldest tokens
+    # > 0: greedy decoding drafts this many tokens per step with the model's int8 copy and keeps those the
+    # model agrees with (same output, faster on CPU; generate/speculative.py). Ignored when not greedy.
+    speculative: int = 0
 
     def sampling_params(self, seed: int | None = None) -> SamplingParams:
         return SamplingParams(
@@ -86,6 +89,7 @@ class GenerationConfig:
                 f"context_overflow must be truncate or error, got {self.context_overflow!r}",
             ),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+            (0 <= self.speculative <= 16, f"speculative must be 0..16 draft tokens, got {self.speculative}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         if self.num_beams > 1:
@@ -520,6 +524,15 @@ def _beam_search(
 
 
 # ------------------------------------------------------------------------------------------------ public API
+def _rows(model: Transformer, tokenizer: Tokenizer | None, ids: list[list[int]], config: GenerationConfig):
+    """The decode iterator: speculative when asked for and applicable (greedy, fits the context), else plain."""
+    from yuyan.generate import speculative
+
+    if speculative.usable(model, ids, config):
+        return speculative.decode(model, speculative.int8_draft(model), tokenizer, ids, config)
+    return _decode(model, tokenizer, ids, config)
+
+
 def generate(
     model: Transformer,
     tokenizer: Tokenizer | None,
@@ -546,7 +559,7 @@ def generate(
                 comps.append(row.completion(stop_ids))
             out.append(comps)
         return out
-    *_, rows = _decode(model, tokenizer, ids, config)  # run to the end; the last yield holds the rows
+    *_, rows = _rows(model, tokenizer, ids, config)  # run to the end; the last yield holds the rows
     stop_ids = _stop_ids(tokenizer, config)
     comps = [r.completion(stop_ids) for r in rows]
     return [comps[i * config.n : (i + 1) * config.n] for i in range(len(ids))]
@@ -562,7 +575,7 @@ def stream(
         raise UserError("streaming gives one completion: use num_beams 1 and n 1, or call generate()")
     decode_layout(model.eval())
     ids = prepare_prompts(tokenizer, [prompt], config, model.config.block_size, model.config.vocab_size)
-    for rows in _decode(model, tokenizer, ids, config):
+    for rows in _rows(model, tokenizer, ids, config):
         piece = rows[0].safe_text()
         if piece:
             yield piece
