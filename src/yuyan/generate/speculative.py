@@ -52,7 +52,10 @@ def usable(model: Transformer, prompts: list[list[int]], config: GenerationConfi
     )
     return (
         config.speculative > 0
+        and bool(prompts)
         and plain
+        and cache_device(model).type == "cpu"  # the int8 kernels (fbgemm) are CPU, float32 ones
+        and model.embed_tokens.weight.dtype == torch.float32
         and config.num_beams == 1
         and config.n == 1
         and config.temperature == 0
