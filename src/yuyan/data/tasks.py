@@ -36,8 +36,9 @@ from torch import nn
 
 from yuyan.errors import UserError
 from yuyan.model.heads import classification_metrics, encode_for_classify, pad_batch
+from yuyan.model.loss import IGNORE_INDEX
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the cross-entropy's skip label
 DOCSTRING_PROMPT = "\n# Summary:"  # the docstring task's prompt ends with this; the completion follows
 
 

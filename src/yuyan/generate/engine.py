@@ -151,8 +151,8 @@ def _cache_dtype(model: Transformer) -> torch.dtype:
 def decode_layout(model: nn.Module) -> nn.Module:
     """Store every linear weight of a CPU model column-major: the same (out, in) tensor and values, kept in
     memory as its contiguous (in, out) transpose, so that F.linear runs x @ W^T as a plain product with a
-    contiguous (in, out) matrix. For the skinny products of decoding (1-8 rows) MKL is much faster that way
-    round: GPT-2's lm_head at 8 rows 11.9 -> 7.0 ms, a 768x3072 layer 0.62 -> 0.50 ms; at 1 row and for
+    contiguous (in, out) matrix. For the skinny products of decoding MKL is much faster that way round
+    (weights streamed from memory: GPT-2's lm_head at 8 rows 21.7 -> 10.6 ms, at 1 row 6.5 -> 5.5 ms); for
     training-sized products it is the same (BENCHMARKS.md "## Generation"). Hugging Face GPT-2 keeps its
     Conv1D weights this way for the same reason. Idempotent; the model still trains, saves (checkpoints
     write contiguous copies) and loads as before. Tied weights are re-laid once.
@@ -160,10 +160,9 @@ def decode_layout(model: nn.Module) -> nn.Module:
     if _device(model).type != "cpu":
         return model
     for m in model.modules():
-        w = m.weight if type(m) is nn.Linear else None
-        if w is not None and w.dim() == 2 and w.is_contiguous() and w.shape[0] > 1:
+        if type(m) is nn.Linear and m.weight.is_contiguous() and m.weight.shape[0] > 1:
             with torch.no_grad():
-                w.data = w.data.t().contiguous().t()
+                m.weight.data = m.weight.data.t().contiguous().t()
     return model
 
 
@@ -216,29 +215,37 @@ def prepare_prompts(
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, cache: KVCache, rows: list[int], seqs: list[list[int]]) -> torch.Tensor:
-    """Write seqs (right-padded) into cache rows `rows` from position 0; return logits at each last token (R, V)."""
+def extend(model: nn.Module, cache: KVCache, seqs: list[list[int]]) -> torch.Tensor:
+    """Append seqs (one list per cache row, right-padded: junk past a row's end is masked and overwritten
+    later) at each row's own length and advance each row by its count; return the float32 logits after each
+    row's last token (R, V)."""
     dev = cache.k.device
     lens = torch.tensor([len(s) for s in seqs], device=dev)
-    T = int(lens.max())
-    idx = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
+    idx = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long, device=dev)
     for i, s in enumerate(seqs):
         idx[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    h = model.hidden(idx, cache=cache)  # (R, T, d)
+    cache.advance(lens)
+    return _logits(model, h[torch.arange(len(seqs), device=dev), lens - 1])  # only last positions
+
+
+@torch.inference_mode()
+def prefill(model: nn.Module, cache: KVCache, rows: list[int], seqs: list[list[int]]) -> torch.Tensor:
+    """Write seqs into cache rows `rows` from position 0; return the logits after each last token (R, V)."""
     if rows == list(range(cache.batch)):
         sub = cache
     else:  # prefill into a temporary cache, then copy into the rows
-        sub = KVCache(model.config, len(rows), max_len=cache.max_len, device=dev, dtype=cache.k.dtype)
+        sub = KVCache(
+            model.config, len(rows), max_len=cache.max_len, device=cache.k.device, dtype=cache.k.dtype
+        )
     sub.lengths.zero_()
-    h = model.hidden(idx, cache=sub)  # (R, T, d)
-    h = h[torch.arange(len(seqs), device=dev), lens - 1]  # (R, d): only the last position needs logits
+    logits = extend(model, sub, seqs)
     if sub is not cache:
-        r = torch.tensor(rows, device=dev)
+        T, r = max(len(s) for s in seqs), torch.tensor(rows, device=cache.k.device)
         cache.k[:, r, :, :T] = sub.k[:, :, :, :T]
         cache.v[:, r, :, :T] = sub.v[:, :, :, :T]
-        cache.lengths[r] = lens
-    else:
-        cache.lengths.copy_(lens)
-    return _logits(model, h)
+        cache.lengths[r] = sub.lengths
+    return logits
 
 
 @torch.inference_mode()

@@ -350,9 +350,11 @@ class Scheduler:
         pmask = self.prompt_mask[:B] if st.use_penalties else None
         proc = process(logits, st, counts, pmask)
         # settings that are valid one by one can still overflow (temperature 1e-300, penalty 5e-324): such a
-        # row has no distribution to sample; fail that request alone, never the batch
-        bad = torch.isnan(proc).any(-1) | torch.isposinf(proc).any(-1) | torch.isneginf(proc).all(-1)
-        if bool(bad.any()):
+        # row has no distribution to sample; fail that request alone, never the batch. Only processors can do
+        # that (an all-greedy batch without penalties gets the logits back untouched), and a row's max is
+        # nan, +inf or -inf exactly when it holds a nan, a +inf or nothing but -inf: one reduction.
+        bad = ~torch.isfinite(proc.amax(-1)) if proc is not logits else None
+        if bad is not None and bool(bad.any()):
             for i in bad.nonzero().flatten().tolist():
                 req = self.slots[i].req
                 if not req.cancelled:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from yuyan.generate.engine import GenerationConfig, Row, _stop_ids, prefill
+from yuyan.generate.engine import GenerationConfig, Row, _cache_dtype, _device, _stop_ids, extend, prefill
 from yuyan.model.transformer import KVCache, Transformer
 from yuyan.tokenizer import Tokenizer
 
@@ -37,46 +37,33 @@ def int8_draft(model: Transformer) -> nn.Module:
 
     draft = _DRAFTS.get(model)
     if draft is None:
-        copy = Transformer(model.config).eval()
-        copy.load_state_dict(model.state_dict())  # a plain Transformer (usable() checks)
-        draft = _DRAFTS[model] = quantize_int8(copy)
+        draft = Transformer(model.config).eval()
+        draft.load_state_dict(model.state_dict())  # a plain Transformer (usable() checks)
+        quantize_int8(draft)
+        # the float tables are only looked up, never streamed: share them instead of keeping a copy
+        draft.embed_tokens = model.embed_tokens
+        if model.config.pos == "learned":
+            draft.embed_positions = model.embed_positions
+        _DRAFTS[model] = draft
     return draft
 
 
 def usable(model: Transformer, prompts: list[list[int]], config: GenerationConfig) -> bool:
-    """Speculation covers plain greedy decoding that fits the context; anything else decodes normally."""
+    """Speculation covers plain greedy decoding of a float32 CPU model (int8 drafts are fbgemm, CPU kernels)
+    that fits the context; anything else decodes normally."""
+    if config.speculative == 0 or not prompts:  # the common case: decided before looking at the model
+        return False
     sp = config.sampling_params()
-    # a plain float model (no LoRA or int8 layers) that an int8 copy can be made of
-    plain = type(model) is Transformer and all(
-        type(m) is nn.Linear for m in model.modules() if type(m).__name__.endswith("Linear")
-    )
     return (
-        config.speculative > 0
-        and bool(prompts)
-        and plain
-        and cache_device(model).type == "cpu"  # the int8 kernels (fbgemm) are CPU, float32 ones
-        and model.embed_tokens.weight.dtype == torch.float32
-        and config.num_beams == 1
-        and config.n == 1
-        and config.temperature == 0
-        and config.logprobs is None
+        type(model) is Transformer  # no LoRA or int8 layers: an int8 copy can be made of it
+        and all(type(m) is nn.Linear for m in model.modules() if type(m).__name__.endswith("Linear"))
+        and _device(model).type == "cpu"
+        and _cache_dtype(model) == torch.float32
+        and (config.num_beams, config.n, config.temperature, config.logprobs) == (1, 1, 0, None)
         and (sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty) == (1.0, 0.0, 0.0)
         and max(len(p) for p in prompts) + config.max_new_tokens + config.speculative + 1
         <= model.config.block_size
     )
-
-
-def _feed(model: nn.Module, cache: KVCache, seqs: list[list[int]]) -> torch.Tensor:
-    """Append seqs (one list per cache row, right-padded) at each row's length; return the logits after each
-    row's last real token (B, V). Advances the cache by each row's own count."""
-    dev = cache.lengths.device
-    lens = torch.tensor([len(s) for s in seqs], device=dev)
-    idx = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long, device=dev)
-    for i, s in enumerate(seqs):
-        idx[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    h = model.hidden(idx, cache=cache)
-    cache.advance(lens)
-    return model.lm_head(h[torch.arange(len(seqs), device=dev), lens - 1]).float()
 
 
 @torch.inference_mode()
@@ -89,7 +76,7 @@ def decode(
 ) -> Iterator[list[Row]]:
     """Greedy decode of `prompts` with k = config.speculative draft tokens per round; yields the rows after
     every round (for streaming), as the engine's `_decode` does after every step."""
-    k, dev, most = config.speculative, cache_device(model), config.max_new_tokens
+    k, dev, most = config.speculative, _device(model), config.max_new_tokens
     stop_ids = _stop_ids(tokenizer, config)
     rows = [Row(p, tokenizer, config.stop) for p in prompts]
     yield rows
@@ -105,7 +92,7 @@ def decode(
         else:
             row.add(tok)
 
-    R, dt = len(rows), model.embed_tokens.weight.dtype
+    R, dt = len(rows), _cache_dtype(model)
     max_len = max(len(p) for p in prompts) + most + k + 1
     cache = KVCache(model.config, R, max_len=max_len, device=dev, dtype=dt)
     dcache = KVCache(model.config, R, max_len=max_len, device=dev, dtype=dt)
@@ -130,9 +117,9 @@ def decode(
             dcache.reorder(keep_t)
             live, cur, pending = [live[i] for i in keep], [cur[i] for i in keep], [pending[i] for i in keep]
         # the draft proposes k tokens, one at a time
-        proposals = [_feed(draft, dcache, pending).max(-1).indices]
+        proposals = [extend(draft, dcache, pending).max(-1).indices]
         for _ in range(k - 1):
-            proposals.append(_feed(draft, dcache, [[t] for t in proposals[-1].tolist()]).max(-1).indices)
+            proposals.append(extend(draft, dcache, [[t] for t in proposals[-1].tolist()]).max(-1).indices)
         d = torch.stack(proposals, 1)  # (B, k)
         # the float model scores cur and the k proposals in one pass
         seq = torch.cat((torch.tensor(cur, device=dev)[:, None], d), 1)  # (B, k + 1)
@@ -151,10 +138,6 @@ def decode(
     for r in rows:
         r.close()
     yield rows
-
-
-def cache_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 __all__ = ["decode", "int8_draft", "usable"]
