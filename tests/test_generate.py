@@ -3,6 +3,9 @@ streaming, sliding window, logprobs."""
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 import torch
 from tests.conftest import tiny_config
@@ -282,11 +285,23 @@ def test_penalties_change_greedy_output():
     assert len(set(plain)) < 20
 
 
-def test_decode_layout_keeps_values_outputs_training_and_checkpoints(tmp_path, tokenizer):
-    """generate() stores linear weights column-major for fast skinny products; nothing else may change."""
+@pytest.mark.parametrize("kernel", ["on", "off"])
+def test_decode_layout_keeps_values_outputs_training_and_checkpoints(
+    tmp_path, tokenizer, kernel, monkeypatch
+):
+    """generate() swaps in DecodeLinear (the decode kernel) or, without the kernel, stores linear weights
+    column-major for MKL's skinny products; nothing else may change."""
+    from yuyan.generate import kernels
     from yuyan.generate.engine import decode_layout
     from yuyan.model.checkpoint import load_checkpoint, save_checkpoint
 
+    if kernel == "on":
+        if sys.platform != "linux" or platform.machine() != "x86_64":
+            pytest.skip("the decode kernel is x86-64 Linux only")
+        assert kernels.skinny_linear_op() is not None, "the decode kernel did not build"
+    else:
+        monkeypatch.setattr(kernels, "_state", {"op": None})
+    layout = (lambda w: w.is_contiguous()) if kernel == "on" else (lambda w: w.stride() == (1, w.shape[0]))
     model = _model("gpt2", vocab_size=tokenizer.vocab_size)
     ref = _model("gpt2", vocab_size=tokenizer.vocab_size)
     ref.load_state_dict(model.state_dict())
@@ -294,7 +309,8 @@ def test_decode_layout_keeps_values_outputs_training_and_checkpoints(tmp_path, t
     before = model(x)
     decode_layout(model)
     w = model.layers[0].mlp.up_proj.weight
-    assert w.shape == ref.layers[0].mlp.up_proj.weight.shape and w.stride() == (1, w.shape[0])
+    assert w.shape == ref.layers[0].mlp.up_proj.weight.shape and layout(w)
+    assert (type(model.lm_head) is kernels.DecodeLinear) == (kernel == "on")
     assert model.lm_head.weight is model.embed_tokens.weight  # still tied
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True)
@@ -303,7 +319,7 @@ def test_decode_layout_keeps_values_outputs_training_and_checkpoints(tmp_path, t
     cfg = GenerationConfig(max_new_tokens=10, **GREEDY)
     assert generate(model, None, [[1, 2, 3]], cfg)[0][0].token_ids == generate_naive(ref, [1, 2, 3], 10)
     decode_layout(model)  # idempotent
-    assert w.stride() == (1, w.shape[0])
+    assert layout(model.layers[0].mlp.up_proj.weight)
     # it still trains to the same gradients, and saves and loads
     for m in (model, ref):
         m.train()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from yuyan.errors import UserError
+from yuyan.generate.kernels import DecodeLinear, skinny_linear_op
 from yuyan.generate.sampling import (
     SamplingParams,
     logprobs_topk,
@@ -149,19 +150,28 @@ def _cache_dtype(model: Transformer) -> torch.dtype:
 
 
 def decode_layout(model: nn.Module) -> nn.Module:
-    """Store every linear weight of a CPU model column-major: the same (out, in) tensor and values, kept in
-    memory as its contiguous (in, out) transpose, so that F.linear runs x @ W^T as a plain product with a
-    contiguous (in, out) matrix. For the skinny products of decoding MKL is much faster that way round
-    (weights streamed from memory: GPT-2's lm_head at 8 rows 21.7 -> 10.6 ms, at 1 row 6.5 -> 5.5 ms); for
-    training-sized products it is the same (BENCHMARKS.md "## Generation"). Hugging Face GPT-2 keeps its
-    Conv1D weights this way for the same reason. Idempotent; the model still trains, saves (checkpoints
-    write contiguous copies) and loads as before. Tied weights are re-laid once.
+    """Lay a CPU model out for decoding, in place; idempotent. Values, parameters, state dict and training
+    are unchanged.
+
+    float32 linear layers become `kernels.DecodeLinear` (the same nn.Linear, whose skinny inference products
+    run through the decode kernel compiled for this CPU). Where that kernel is off or cannot be built, every
+    linear weight is stored column-major instead: the same (out, in) tensor kept in memory as its
+    contiguous (in, out) transpose, so F.linear runs x @ W^T as a plain product with a contiguous (in, out)
+    matrix, which MKL's small-M product streams faster (GPT-2's lm_head at 8 rows 21.7 -> 10.6 ms on the
+    Intel VM of BENCHMARKS.md "## Generation"; Hugging Face GPT-2 keeps its Conv1D weights this way).
+    Tied weights are re-laid once.
     """
     if _device(model).type != "cpu":
         return model
-    for m in model.modules():
-        if type(m) is nn.Linear and m.weight.is_contiguous() and m.weight.shape[0] > 1:
-            with torch.no_grad():
+    linears = [m for m in model.modules() if type(m) in (nn.Linear, DecodeLinear) and m.weight.shape[0] > 1]
+    op = skinny_linear_op() if any(m.weight.dtype == torch.float32 for m in linears) else None
+    with torch.no_grad():
+        for m in linears:
+            if op is not None and m.weight.dtype == torch.float32:
+                if not m.weight.is_contiguous():
+                    m.weight.data = m.weight.data.contiguous()
+                m.__class__ = DecodeLinear
+            elif m.weight.is_contiguous():
                 m.weight.data = m.weight.data.t().contiguous().t()
     return model
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from yuyan.generate.engine import GenerationConfig, Row, _cache_dtype, _device, _stop_ids, extend, prefill
+from yuyan.generate.kernels import DecodeLinear
 from yuyan.model.transformer import KVCache, Transformer
 from yuyan.tokenizer import Tokenizer
 
@@ -56,7 +57,11 @@ def usable(model: Transformer, prompts: list[list[int]], config: GenerationConfi
     sp = config.sampling_params()
     return (
         type(model) is Transformer  # no LoRA or int8 layers: an int8 copy can be made of it
-        and all(type(m) is nn.Linear for m in model.modules() if type(m).__name__.endswith("Linear"))
+        and all(
+            type(m) in (nn.Linear, DecodeLinear)
+            for m in model.modules()
+            if type(m).__name__.endswith("Linear")
+        )
         and _device(model).type == "cpu"
         and _cache_dtype(model) == torch.float32
         and (config.num_beams, config.n, config.temperature, config.logprobs) == (1, 1, 0, None)

@@ -83,7 +83,7 @@ def linear_cross_entropy(
     other head (a LoRA-wrapped or quantised one) takes the plain path.
     """
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    if type(lm_head) is not nn.Linear or lm_head.bias is not None:
+    if not isinstance(lm_head, nn.Linear) or lm_head.bias is not None:  # nn.Linear or its subclasses
         return F.cross_entropy(lm_head(h2).float(), t, ignore_index=ignore_index)
     w = lm_head.weight
     if not torch.is_grad_enabled():  # no gradients to precompute

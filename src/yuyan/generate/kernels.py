@@ -1,0 +1,132 @@
+"""The decode kernel: float32 products of a few rows with a weight matrix, compiled for the host CPU.
+
+A decoding step multiplies 1..8 rows by every weight matrix, which reads all the weights from memory for
+little arithmetic. `csrc/skinny_linear.cpp` streams each thread's weight rows once, front to back; on the
+AMD EPYC of BENCHMARKS.md it reads the GPT-2 124M layers in ~11 ms where MKL's sgemm takes ~20 ms (one row)
+and ~45 ms (eight rows). It is built on first use with torch.utils.cpp_extension (a C++ compiler and ninja;
+~15 s, cached under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) and named after the CPU's features,
+so a cache shared between machines never runs code built for another instruction set. Where it cannot be
+built (no compiler, not x86-64 Linux) decoding falls back to torch's matmuls with one warning;
+YUYAN_DECODE_KERNEL=0 turns it off.
+
+`DecodeLinear` is `nn.Linear` with the same parameters, state dict and training behaviour; only its
+no-grad forward of float32 CPU inputs with at most `MAX_ROWS` rows goes through the kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_ROWS = 8  # more rows than this: the product is no longer skinny, torch's GEMM serves better
+SOURCE = Path(__file__).parent / "csrc" / "skinny_linear.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "op": the loaded op or None after a failed build
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's feature flags and torch's version: the build is -march=native."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
+
+
+def _build():
+    if os.environ.get("YUYAN_DECODE_KERNEL", "1") == "0":
+        return None
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None  # the kernel is written with GCC vector extensions for x86-64
+    from torch.utils.cpp_extension import load
+
+    venv_bin = str(Path(sys.executable).parent)  # ninja from the virtual environment, if not on PATH
+    if shutil.which("ninja") is None and venv_bin not in os.environ.get("PATH", ""):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    name = f"yuyan_skinny_{_cpu_tag()}"
+    try:  # say so before the one slow build (torch rebuilds only when the source changes)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        built = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:
+        built = False
+    if not built:
+        print("yuyan: compiling the decode kernel for this CPU (once, ~15 s)...", file=sys.stderr, flush=True)
+    load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],  # at::parallel_for; resolves to the libgomp torch has loaded
+        is_python_module=False,
+        verbose=False,
+    )
+
+    @torch.library.register_fake("yuyan::skinny_linear")
+    def _(x, w, bias=None):  # shapes for torch.compile tracing
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    return torch.ops.yuyan.skinny_linear
+
+
+def skinny_linear_op():
+    """The compiled `torch.ops.yuyan.skinny_linear(x (M, K), w (N, K), bias (N,) | None)`, or None when it is
+    turned off or cannot be built (one warning says why). Built once per process."""
+    if "op" not in _state:
+        with _lock:
+            if "op" not in _state:
+                try:
+                    _state["op"] = _build()
+                except (
+                    Exception
+                ) as e:  # no compiler, no ninja, a read-only cache: decode with torch's matmuls
+                    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    warnings.warn(
+                        f"yuyan: the decode kernel could not be built ({reason[:200]}); decoding uses torch's "
+                        "matmuls (install a C++ compiler and ninja, or set YUYAN_DECODE_KERNEL=0 to skip this)",
+                        stacklevel=2,
+                    )
+                    _state["op"] = None
+    return _state["op"]
+
+
+class DecodeLinear(nn.Linear):
+    """`nn.Linear` whose skinny float32 CPU inference products run through the decode kernel.
+
+    Same parameters, state dict, gradients and outputs (float32 rounding aside); anything the kernel does
+    not cover (gradients, other dtypes or devices, more than MAX_ROWS rows) is `F.linear`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        K = x.shape[-1]
+        if (
+            x.numel() <= MAX_ROWS * K
+            and x.dtype == torch.float32
+            and w.dtype == torch.float32
+            and x.device.type == "cpu"
+            and w.is_contiguous()
+            and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        ):
+            op = _state.get("op")
+            if op is not None:
+                y = op(x.reshape(-1, K).contiguous(), w, self.bias)
+                return y.view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w, self.bias)
+
+
+__all__ = ["MAX_ROWS", "DecodeLinear", "skinny_linear_op"]

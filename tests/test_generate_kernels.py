@@ -1,0 +1,161 @@
+"""The decode kernel (generate/kernels.py, csrc/skinny_linear.cpp): its products against F.linear and
+float64, DecodeLinear's dispatch, decode_layout with and without the kernel, and the fallback when it
+cannot be built."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.conftest import tiny_config
+from torch import nn
+
+from yuyan.generate import GenerationConfig, generate, generate_naive, kernels
+from yuyan.generate.engine import decode_layout
+from yuyan.generate.kernels import MAX_ROWS, DecodeLinear
+from yuyan.model.transformer import Transformer
+
+# the kernel is x86-64 Linux code; there it must build (a failed build fails these tests, never skips them)
+x86_linux = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64", reason="the decode kernel is x86-64 Linux only"
+)
+
+
+@pytest.fixture
+def op():
+    if kernels.os.environ.get("YUYAN_DECODE_KERNEL") == "0":
+        pytest.skip("YUYAN_DECODE_KERNEL=0")
+    op = kernels.skinny_linear_op()
+    assert op is not None, "the decode kernel did not build (see the warning above)"
+    return op
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Decode as on a machine where the kernel cannot be built."""
+    monkeypatch.setattr(kernels, "_state", {"op": None})
+
+
+@x86_linux
+@pytest.mark.parametrize("K,N", [(768, 2304), (40, 33), (16, 5), (3, 7), (130, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_skinny_linear_equals_f_linear(op, K, N, bias):
+    torch.manual_seed(K + N)
+    w, b = torch.randn(N, K), torch.randn(N) if bias else None
+    for M in (1, 2, 3, 5, 8, 9, 17):  # 9 and 17: passes of 8 rows and a remainder
+        x = torch.randn(M, K)
+        ref64 = F.linear(x.double(), w.double(), None if b is None else b.double())
+        ours, theirs = op(x, w, b).double(), F.linear(x, w, b).double()
+        # as close to float64 as torch's own float32 product is (different summation order)
+        err, ref_err = (ours - ref64).abs().max().item(), (theirs - ref64).abs().max().item()
+        assert err <= 4 * ref_err + 1e-6 * K**0.5, (M, err, ref_err)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+
+
+@x86_linux
+def test_skinny_linear_rejects_what_it_does_not_cover(op):
+    with pytest.raises(RuntimeError, match="float32 only"):
+        op(torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(2, 8), torch.randn(8, 3).t(), None)
+    with pytest.raises(RuntimeError, match=r"x \(M, K\), w \(N, K\)"):
+        op(torch.randn(2, 8), torch.randn(3, 9), None)
+
+
+@x86_linux
+def test_decode_linear_uses_the_kernel_only_for_skinny_inference(op, monkeypatch):
+    calls = []
+
+    def spy(x, w, b):
+        calls.append(x.shape[0])
+        return op(x, w, b)
+
+    monkeypatch.setattr(kernels, "_state", {"op": spy})
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10)
+    ref = nn.Linear(24, 10)
+    ref.load_state_dict(lin.state_dict())
+    lin.__class__ = DecodeLinear
+    for shape in [(1, 24), (2, 3, 24), (MAX_ROWS, 24), (MAX_ROWS + 1, 24)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(lin(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert calls == [1, 6, MAX_ROWS]  # 9 rows: torch's product
+    x = torch.randn(2, 24, requires_grad=True)
+    lin(x).sum().backward()  # training: F.linear and its gradients
+    ref(x).sum().backward()
+    assert calls == [1, 6, MAX_ROWS] and torch.allclose(lin.weight.grad, ref.weight.grad)
+    with torch.no_grad():  # no_grad serves as well as inference_mode
+        lin(torch.randn(1, 24))
+    assert calls[-1] == 1
+
+
+def _pair(family: str):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(family, vocab_size=96, block_size=64)).eval()
+    ref = Transformer(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
+@x86_linux
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decode_layout_with_kernel_keeps_parameters_and_greedy_tokens(op, family):
+    model, ref = _pair(family)
+    decode_layout(model)
+    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert lins and all(type(m) is DecodeLinear and m.weight.is_contiguous() for m in lins)
+    assert model.lm_head.weight is model.embed_tokens.weight or not model.config.tie_embeddings
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True)
+    )
+    cfg = GenerationConfig(max_new_tokens=24, temperature=0, stop_token_ids=[])
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]  # batched rows of different lengths
+    got = [c[0].token_ids for c in generate(model, None, prompts, cfg)]
+    assert got == [generate_naive(ref, p, 24) for p in prompts]
+
+
+@x86_linux
+def test_decode_layout_after_the_column_major_fallback_restores_row_major(op, monkeypatch):
+    model, _ = _pair("gpt2")
+    monkeypatch.setattr(kernels, "_state", {"op": None})
+    decode_layout(model)
+    w = model.layers[0].mlp.up_proj.weight
+    assert w.stride() == (1, w.shape[0]) and type(model.layers[0].mlp.up_proj) is nn.Linear
+    monkeypatch.setattr(kernels, "_state", {"op": op})
+    decode_layout(model)
+    assert model.layers[0].mlp.up_proj.weight.is_contiguous()
+    assert type(model.layers[0].mlp.up_proj) is DecodeLinear
+
+
+def test_without_the_kernel_decoding_uses_column_major_torch_products(no_kernel):
+    model, ref = _pair("gpt2")
+    decode_layout(model)
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())
+    w = model.layers[0].self_attn.q_proj.weight
+    assert w.stride() == (1, w.shape[0])
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0, stop_token_ids=[])
+    assert generate(model, None, [[1, 2, 3]], cfg)[0][0].token_ids == generate_naive(ref, [1, 2, 3], 16)
+
+
+def test_a_failed_build_warns_once_and_decoding_falls_back(monkeypatch):
+    def broken():
+        raise RuntimeError("Error building extension 'yuyan_skinny': g++: command not found")
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_build", broken)
+    with pytest.warns(UserWarning, match="could not be built .*command not found.*torch's matmuls"):
+        assert kernels.skinny_linear_op() is None
+    assert kernels.skinny_linear_op() is None  # decided once per process: no second warning or build
+    model, ref = _pair("llama")
+    decode_layout(model)
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    assert generate(model, None, [[3, 4]], cfg)[0][0].token_ids == generate_naive(ref, [3, 4], 8)
+
+
+def test_turned_off_by_environment(monkeypatch):
+    monkeypatch.setenv("YUYAN_DECODE_KERNEL", "0")
+    assert kernels._build() is None
