@@ -3,9 +3,10 @@
 Random weights (nothing is downloaded), fp32, CPU, a 32-token prompt and 128 new tokens, greedy, no
 end-of-text stop. Decode tokens/s = batch * 127 / (time(128 new tokens) - time(1 new token)), so prefill
 is excluded. Also prints the memory-bandwidth roofline (parameter bytes read per step over a measured copy
-bandwidth) and our fraction of it, the int8 (`quantize_int8`) speed-up over fp32, and greedy speculative
-decoding (`--speculative K`: K tokens drafted by the int8 copy, verified by the fp32 model, so the tokens are
-the fp32 greedy ones; checked in the run).
+bandwidth, and over a measured read-only bandwidth, since decoding only reads weights) and our fraction of
+it, whether the decode kernel (yuyan/generate/kernels.py) ran, the int8 (`quantize_int8`) speed-up over
+fp32, and greedy speculative decoding (`--speculative K`: K tokens drafted by the int8 copy, verified by
+the fp32 model, so the tokens are the fp32 greedy ones; checked in the run).
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--repeats 2] [--threads 2] [--speculative 4]
 """
@@ -21,6 +22,7 @@ from functools import partial
 import torch
 
 from yuyan.generate import GenerationConfig, generate
+from yuyan.generate.kernels import skinny_linear_op
 from yuyan.model.hf import hf_to_ours
 from yuyan.model.quantize import quantize_int8
 from yuyan.model.transformer import Transformer, preset
@@ -36,6 +38,17 @@ def copy_bandwidth(mb: int = 512) -> float:
         b.copy_(a)
         best = min(best, time.perf_counter() - t)
     return 2 * a.numel() * 4 / best
+
+
+def read_bandwidth(mb: int = 512) -> float:
+    """Bytes read per second by a large sum (reading only, as decoding reads weights), best of 5."""
+    a = torch.ones(mb * 2**20 // 4)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best
 
 
 def decode_rates(runs: dict, batch: int, new: int, repeats: int) -> dict[str, float]:
@@ -89,7 +102,7 @@ def main() -> None:
     # bytes read per decode step at batch 1: every weight once (the tied embedding once, as the lm_head),
     # except the embedding tables' single looked-up rows
     bytes_per_step = 4 * (n_params - ours.embed_positions.weight.numel())
-    bw = copy_bandwidth()
+    bw, read_bw = copy_bandwidth(), read_bandwidth()
     g = torch.Generator().manual_seed(1)
     result = {
         "bench": "generate",
@@ -100,6 +113,8 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "copy_bandwidth_GBps": round(bw / 1e9, 1),
         "roofline_tok_s_b1": round(bw / bytes_per_step, 1),
+        "read_bandwidth_GBps": round(read_bw / 1e9, 1),
+        "decode_kernel": skinny_linear_op() is not None,  # False: torch's matmuls (YUYAN_DECODE_KERNEL=0)
     }
     int8 = quantize_int8(_copy(ours, cfg))
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -133,6 +148,7 @@ def main() -> None:
             )
         if batch == 1:
             result["b1"]["fraction_of_roofline"] = round(r_ours / (bw / bytes_per_step), 2)
+            result["b1"]["fraction_of_read_roofline"] = round(r_ours / (read_bw / bytes_per_step), 2)
     print(json.dumps(result))
 
 

@@ -2,9 +2,11 @@
 
 A small GPT (4 layers, d_model 128, vocab 2048) is trained for a few hundred steps on standard-library
 Python (nothing is downloaded), then both versions score the same held-out files with
-`yuyan.evaluate.perplexity`. Prints one JSON line.
+`yuyan.evaluate.perplexity`. With `--model CHECKPOINT` (e.g. the 5-minute demo's `runs/demo/final`) it
+scores that trained model on the standard-library validation split instead. Prints one JSON line.
 
     .venv/bin/python benchmarks/quantize_quality.py [--steps 300]
+    .venv/bin/python benchmarks/quantize_quality.py --model runs/demo/final --val-chars 200000
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--family", default="gpt2", choices=["gpt2", "llama"])
     ap.add_argument("--val-chars", type=int, default=200_000, help="score this much held-out text")
+    ap.add_argument("--model", help="a trained checkpoint directory to score instead of training one")
     args = ap.parse_args()
+    if args.model:
+        return score_checkpoint(args.model, args.val_chars)
     torch.manual_seed(0)
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     train_texts = [f.read_text(encoding="utf-8", errors="replace") for f in files[:120]]
@@ -70,6 +75,38 @@ def main() -> None:
                 "params": n_params,
                 "train_steps": args.steps,
                 "train_seconds": round(time.time() - t0, 1),
+                "val_bytes": fp32["bytes"],
+                "fp32_bits_per_byte": round(fp32["bits_per_byte"], 6),
+                "int8_bits_per_byte": round(int8["bits_per_byte"], 6),
+                "delta_bits_per_byte": round(int8["bits_per_byte"] - fp32["bits_per_byte"], 6),
+                "relative": round(int8["bits_per_byte"] / fp32["bits_per_byte"] - 1, 6),
+            }
+        )
+    )
+
+
+def score_checkpoint(path: str, val_chars: int) -> None:
+    from yuyan.data.corpus import iter_documents
+    from yuyan.model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    model, tok = ck.model.eval(), ck.tokenizer
+    texts, total = [], 0
+    for d in iter_documents("stdlib", split="val"):  # whole documents up to val_chars characters
+        if total >= val_chars:
+            break
+        texts.append(d.text[: val_chars - total])
+        total += len(texts[-1])
+    n_params = model.num_params()
+    fp32 = perplexity(model, tok, texts)
+    quantize_int8(model)
+    int8 = perplexity(model, tok, texts)
+    print(
+        json.dumps(
+            {
+                "bench": "quantize_quality",
+                "model": path,
+                "params": n_params,
                 "val_bytes": fp32["bytes"],
                 "fp32_bits_per_byte": round(fp32["bits_per_byte"], 6),
                 "int8_bits_per_byte": round(int8["bits_per_byte"], 6),
