@@ -159,3 +159,24 @@ def test_a_failed_build_warns_once_and_decoding_falls_back(monkeypatch):
 def test_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("YUYAN_DECODE_KERNEL", "0")
     assert kernels._build() is None
+
+
+@x86_linux
+def test_the_op_traces_under_torch_compile(op):
+    """The op has a fake (shape) implementation, so torch.compile can trace a decode step through it."""
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24)
+    ref = nn.Linear(40, 24)
+    ref.load_state_dict(lin.state_dict())
+    lin.__class__ = DecodeLinear
+    traced = []
+
+    def backend(gm, example_inputs):  # records the traced graph, then runs it as is
+        traced.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    compiled = torch.compile(lin, backend=backend, fullgraph=True)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert any("skinny_linear" in t for t in traced), traced
