@@ -62,27 +62,27 @@ def main() -> None:
             print(
                 f"step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True
             )
-    model.eval()
+    info = {"family": args.family, "train_steps": args.steps, "train_seconds": round(time.time() - t0, 1)}
+    print(json.dumps(compare(model.eval(), tok, val_texts, info)))
+
+
+def compare(model: Transformer, tok: Tokenizer, texts: list[str], info: dict) -> dict:
+    """Bits per byte of `texts` under the fp32 model, then under its int8 copy (quantised in place)."""
     n_params = model.num_params()
-    fp32 = perplexity(model, tok, val_texts)
+    fp32 = perplexity(model, tok, texts)
     quantize_int8(model)
-    int8 = perplexity(model, tok, val_texts)
-    print(
-        json.dumps(
-            {
-                "bench": "quantize_quality",
-                "family": args.family,
-                "params": n_params,
-                "train_steps": args.steps,
-                "train_seconds": round(time.time() - t0, 1),
-                "val_bytes": fp32["bytes"],
-                "fp32_bits_per_byte": round(fp32["bits_per_byte"], 6),
-                "int8_bits_per_byte": round(int8["bits_per_byte"], 6),
-                "delta_bits_per_byte": round(int8["bits_per_byte"] - fp32["bits_per_byte"], 6),
-                "relative": round(int8["bits_per_byte"] / fp32["bits_per_byte"] - 1, 6),
-            }
-        )
-    )
+    int8 = perplexity(model, tok, texts)
+    fp, q = fp32["bits_per_byte"], int8["bits_per_byte"]
+    return {
+        "bench": "quantize_quality",
+        **info,
+        "params": n_params,
+        "val_bytes": fp32["bytes"],
+        "fp32_bits_per_byte": round(fp, 6),
+        "int8_bits_per_byte": round(q, 6),
+        "delta_bits_per_byte": round(q - fp, 6),
+        "relative": round(q / fp - 1, 6),
+    }
 
 
 def score_checkpoint(path: str, val_chars: int) -> None:
@@ -90,31 +90,13 @@ def score_checkpoint(path: str, val_chars: int) -> None:
     from yuyan.model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path)
-    model, tok = ck.model.eval(), ck.tokenizer
     texts, total = [], 0
     for d in iter_documents("stdlib", split="val"):  # whole documents up to val_chars characters
         if total >= val_chars:
             break
         texts.append(d.text[: val_chars - total])
         total += len(texts[-1])
-    n_params = model.num_params()
-    fp32 = perplexity(model, tok, texts)
-    quantize_int8(model)
-    int8 = perplexity(model, tok, texts)
-    print(
-        json.dumps(
-            {
-                "bench": "quantize_quality",
-                "model": path,
-                "params": n_params,
-                "val_bytes": fp32["bytes"],
-                "fp32_bits_per_byte": round(fp32["bits_per_byte"], 6),
-                "int8_bits_per_byte": round(int8["bits_per_byte"], 6),
-                "delta_bits_per_byte": round(int8["bits_per_byte"] - fp32["bits_per_byte"], 6),
-                "relative": round(int8["bits_per_byte"] / fp32["bits_per_byte"] - 1, 6),
-            }
-        )
-    )
+    print(json.dumps(compare(ck.model.eval(), ck.tokenizer, texts, {"model": path})))
 
 
 if __name__ == "__main__":
