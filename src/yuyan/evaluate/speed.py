@@ -4,7 +4,8 @@ Measured with the model's own static KV cache and greedy decoding over random pr
 pass does not depend on the token values): time to first token is the prefill of the prompt plus the choice of
 the first token; decode tokens/s counts the tokens produced after it, over all rows of the batch. Each batch
 size runs once to warm up (allocations, kernels) and then `repeats` times; the best run is reported (the
-least disturbed by other jobs). Peak memory is the process's peak resident set size (and CUDA's peak
+least disturbed by other jobs). The model is laid out for decoding first, as `generate` does
+(`yuyan.generate.engine.decode_layout`: the decode kernel on CPU). Peak memory is the process's peak resident set size (and CUDA's peak
 allocation on a GPU); FLOPs per token come from `model.flops_per_token`.
 """
 
@@ -17,6 +18,7 @@ import time
 import torch
 
 from yuyan.errors import UserError
+from yuyan.generate.engine import decode_layout
 from yuyan.model.transformer import KVCache, Transformer
 
 
@@ -85,7 +87,7 @@ def speed(
             "pass a smaller --prompt-len or --new-tokens"
         )
     was = model.training
-    model.eval()
+    decode_layout(model.eval())  # the layout (decode kernel or column-major weights) that generation uses
     device = next(model.parameters()).device
     out: dict = {
         "device": str(device),
