@@ -258,7 +258,9 @@ def test_max_time_fits_the_schedule_to_the_budget(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last_train = [r for r in rows if r["split"] == "train"][-1]
     assert last_train["step"] == res["step"]
-    assert last_train["lr"] == pytest.approx(3e-4, rel=0.05)  # decayed to min_lr at the end
+    # decayed to min_lr (3e-4 from 3e-3) at the end: within 3% of the range. A clock stop after a sudden
+    # slowdown may end the run a step or two early (1% of the range above min_lr was seen on a noisy VM)
+    assert 3e-4 <= last_train["lr"] < 3e-4 + 0.03 * (3e-3 - 3e-4), last_train["lr"]
     # resuming a run whose budget is spent trains no further (it re-evaluates and saves only)
     again = W.run(
         str(tmp_path / "run"),
