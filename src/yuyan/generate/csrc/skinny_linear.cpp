@@ -1,6 +1,6 @@
 // y (M, N) = x (M, K) @ w (N, K)^T [+ b (N)] for the few rows M of a decoding step.
 //
-// A decode step multiplies 1..8 rows by every weight matrix, so it is bound by reading the weights from
+// A decode step multiplies a few rows by every weight matrix, so it is bound by reading the weights from
 // memory, not by arithmetic. General GEMM kernels (MKL's sgemm on AMD CPUs in particular) reach only a part
 // of the memory bandwidth on such skinny products. Here each thread streams one contiguous range of
 // weight rows exactly once, front to back, while all M rows of x stay in L1: each weight vector is
