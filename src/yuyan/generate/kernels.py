@@ -22,6 +22,7 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def _cpu_tag() -> str:
     return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
 
 
-def _build():
+def _build() -> Callable | None:
     if os.environ.get("YUYAN_DECODE_KERNEL", "1") == "0":
         return None
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -85,7 +86,7 @@ def _build():
     return torch.ops.yuyan.skinny_linear
 
 
-def skinny_linear_op():
+def skinny_linear_op() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
     """The compiled `torch.ops.yuyan.skinny_linear(x (M, K), w (N, K), bias (N,) | None)`, or None when it is
     turned off or cannot be built (one warning says why). Built once per process."""
     if "op" not in _state:
