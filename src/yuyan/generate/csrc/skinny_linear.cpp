@@ -11,7 +11,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <optional>
 
 namespace {
 
