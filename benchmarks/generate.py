@@ -28,27 +28,22 @@ from yuyan.model.quantize import quantize_int8
 from yuyan.model.transformer import Transformer, preset
 
 
-def copy_bandwidth(mb: int = 512) -> float:
-    """Bytes moved per second by a large copy (read + write), best of 5."""
+def bandwidths(mb: int = 512) -> tuple[float, float]:
+    """Bytes per second (best of 5) moved by a large copy (read + write counted) and read by a large sum
+    (reading only, as decoding reads weights)."""
     a = torch.ones(mb * 2**20 // 4)
     b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.numel() * 4 / best
 
+    def best(fn) -> float:
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
 
-def read_bandwidth(mb: int = 512) -> float:
-    """Bytes read per second by a large sum (reading only, as decoding reads weights), best of 5."""
-    a = torch.ones(mb * 2**20 // 4)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
-    return a.numel() * 4 / best
+    nbytes = a.numel() * 4
+    return 2 * nbytes / best(lambda: b.copy_(a)), nbytes / best(a.sum)
 
 
 def decode_rates(runs: dict, batch: int, new: int, repeats: int) -> dict[str, float]:
@@ -102,7 +97,7 @@ def main() -> None:
     # bytes read per decode step at batch 1: every weight once (the tied embedding once, as the lm_head),
     # except the embedding tables' single looked-up rows
     bytes_per_step = 4 * (n_params - ours.embed_positions.weight.numel())
-    bw, read_bw = copy_bandwidth(), read_bandwidth()
+    bw, read_bw = bandwidths()
     g = torch.Generator().manual_seed(1)
     result = {
         "bench": "generate",

@@ -96,3 +96,20 @@ def run_cli():
         return p
 
     return run
+
+
+@pytest.fixture
+def decode_kernel():
+    """The compiled decode op (yuyan.generate.kernels). It must build on x86-64 Linux: a failed build fails
+    the test instead of skipping it; elsewhere, or with YUYAN_DECODE_KERNEL=0, the test is skipped."""
+    import os
+
+    from yuyan.generate import kernels
+
+    if not kernels.SUPPORTED:
+        pytest.skip("the decode kernel is x86-64 Linux only")
+    if os.environ.get("YUYAN_DECODE_KERNEL") == "0":
+        pytest.skip("YUYAN_DECODE_KERNEL=0")
+    op = kernels.skinny_linear_op()
+    assert op is not None, "the decode kernel did not build (see the warning above)"
+    return op

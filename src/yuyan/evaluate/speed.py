@@ -5,8 +5,8 @@ pass does not depend on the token values): time to first token is the prefill of
 the first token; decode tokens/s counts the tokens produced after it, over all rows of the batch. Each batch
 size runs once to warm up (allocations, kernels) and then `repeats` times; the best run is reported (the
 least disturbed by other jobs). The model is laid out for decoding first, as `generate` does
-(`yuyan.generate.engine.decode_layout`: the decode kernel on CPU). Peak memory is the process's peak resident set size (and CUDA's peak
-allocation on a GPU); FLOPs per token come from `model.flops_per_token`.
+(`yuyan.generate.engine.decode_layout`: the decode kernel on CPU). Peak memory is the process's peak
+resident set size (and CUDA's peak allocation on a GPU); FLOPs per token come from `model.flops_per_token`.
 """
 
 from __future__ import annotations
