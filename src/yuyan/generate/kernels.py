@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # More rows than this go to torch's GEMM. The kernel takes 8 rows per pass over the weights; on the AMD VM
-# of BENCHMARKS.md it beat MKL up to 24 rows (36 x 3072x768, ms: 16 rows 46 vs 65, 24 rows 55 vs 73, 32
+# of BENCHMARKS.md it beat MKL up to 32 rows (36 x 3072x768, ms: 16 rows 46 vs 65, 24 rows 55 vs 73, 32
 # rows 84 vs 88, 64 rows 120 vs 107); 16 leaves margin for CPUs where MKL is stronger.
 MAX_ROWS = 16
 # the kernel is written with GCC vector extensions and built with -march=native for x86-64 Linux
