@@ -9,7 +9,8 @@ from tests.conftest import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from yuyan.model.transformer import PRESETS, KVCache, ModelConfig, Transformer, preset
+from yuyan.model.kv_cache import KVCache
+from yuyan.model.transformer import PRESETS, ModelConfig, Transformer, preset
 
 
 def _meta(cls, config):
@@ -78,7 +79,7 @@ def test_cached_decoding_matches_uncached_with_ragged_rows(family):
     model = Transformer(tiny_config(family)).eval()
     lengths = [7, 3, 5]  # each row's prompt length: a batch of different per-row lengths
     seqs = [torch.randint(0, 512, (n,)).tolist() for n in lengths]
-    cache = KVCache(model.config, batch=3, max_len=40)
+    cache = KVCache(model.config, batch=3, capacity=40)
     # prefill the longest prompt length; the padded tails are overwritten because lengths say so
     padded = torch.tensor([s + [0] * (max(lengths) - len(s)) for s in seqs])
     logits = model(padded, cache=cache)

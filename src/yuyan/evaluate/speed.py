@@ -19,7 +19,8 @@ import torch
 
 from yuyan.errors import UserError
 from yuyan.generate.engine import decode_layout
-from yuyan.model.transformer import KVCache, Transformer
+from yuyan.model.kv_cache import KVCache
+from yuyan.model.transformer import Transformer
 
 
 def _sync(device: torch.device) -> None:
@@ -34,7 +35,7 @@ def _run(model: Transformer, batch: int, prompt_len: int, new_tokens: int, seed:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
-    cache = KVCache(model.config, batch, max_len=prompt_len + new_tokens, device=device, dtype=dtype)
+    cache = KVCache(model.config, batch, capacity=prompt_len + new_tokens, device=device, dtype=dtype)
     ctx = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda"
