@@ -28,14 +28,14 @@ def _emit(result: dict, out: Path | None, name: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from yuyan.evaluate.report import _fmt, write_result
+    from yuyan.evaluate.report import format_value, write_result
 
     table = Table(title=f"{result['eval']} — {result.get('model') or ''}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result["metrics"].items():
         if not isinstance(v, dict):
-            table.add_row(k, _fmt(v))
+            table.add_row(k, format_value(v))
     Console(soft_wrap=True).print(table)
     if out is not None:
         j, m = write_result(result, out, name)
@@ -347,7 +347,7 @@ def compare_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from yuyan.evaluate.report import _fmt, atomic_write_text, compare, compare_markdown
+    from yuyan.evaluate.report import atomic_write_text, compare, compare_markdown, format_value
 
     cmp = compare(a, b)
     t = Table(title=f"A: {cmp['a']['model']}  vs  B: {cmp['b']['model']}")
@@ -356,7 +356,7 @@ def compare_cmd(
     for r in cmp["rows"]:
         rel = f"{100 * r['rel']:+.2f}%" if r["rel"] is not None else ""
         diff = f"{r['diff']:+.4g}" if r["diff"] is not None else ""
-        t.add_row(r["metric"], _fmt(r["a"]), _fmt(r["b"]), diff, rel)
+        t.add_row(r["metric"], format_value(r["a"]), format_value(r["b"]), diff, rel)
     Console(soft_wrap=True).print(t)
     if out is not None:
         j = atomic_write_text(

@@ -43,7 +43,9 @@ def make_result(kind: str, model: str | None, metrics: dict, settings: dict | No
     }
 
 
-def _fmt(v) -> str:
+def format_value(v: object) -> str:
+    """A metric value as the reports print it: ints with thousands separators, floats to 4 decimals (4
+    significant digits when tiny or huge), lists as JSON cut at 80 characters, text safe in a Markdown table."""
     if isinstance(v, bool) or v is None:
         return str(v)
     if isinstance(v, int):
@@ -64,10 +66,10 @@ def to_markdown(result: dict) -> str:
     for k, v in result.get("metrics", {}).items():
         if isinstance(v, dict):  # nested tables (e.g. per-label scores) are summarised in the JSON
             continue
-        lines.append(f"| {k} | {_fmt(v)} |")
+        lines.append(f"| {k} | {format_value(v)} |")
     settings = result.get("settings") or {}
     if settings:
-        lines += ["", "Settings: " + ", ".join(f"`{k}={_fmt(v)}`" for k, v in settings.items())]
+        lines += ["", "Settings: " + ", ".join(f"`{k}={format_value(v)}`" for k, v in settings.items())]
     if result.get("time"):
         lines += ["", f"Written {result['time']}."]
     return "\n".join(lines) + "\n"
@@ -136,12 +138,13 @@ def compare_markdown(cmp: dict) -> str:
             if r["diff"] is not None
             else ""
         )
-        lines.append(f"| {r['metric']} | {_fmt(r['a'])} | {_fmt(r['b'])} | {diff} | {rel} |")
+        lines.append(f"| {r['metric']} | {format_value(r['a'])} | {format_value(r['b'])} | {diff} | {rel} |")
     return "\n".join(lines) + "\n"
 
 
 __all__ = [
     "make_result",
+    "format_value",
     "write_result",
     "read_result",
     "to_markdown",
