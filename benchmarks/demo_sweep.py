@@ -38,6 +38,7 @@ def data_for(vocab: int, work: Path):
 
 def run(name: str, settings: dict, seconds: float, work: Path) -> dict:
     from yuyan.config import apply_overrides
+    from yuyan.model.flops import flops_per_token, num_params
     from yuyan.model.transformer import ModelConfig, Transformer
     from yuyan.train import LMTask, TrainConfig, fit
 
@@ -54,7 +55,7 @@ def run(name: str, settings: dict, seconds: float, work: Path) -> dict:
         )
     )
     B, T = int(s["batch"]), int(s["context"])
-    steps = int(seconds * GFLOPS / model.flops_per_token(T, training=True) / (B * T))
+    steps = int(seconds * GFLOPS / flops_per_token(model, T, training=True) / (B * T))
     lr = float(s["lr"])
     cfg = apply_overrides(
         TrainConfig(),
@@ -79,7 +80,7 @@ def run(name: str, settings: dict, seconds: float, work: Path) -> dict:
         "name": name,
         **s,
         "seconds_equiv": seconds,
-        "params_m": round(model.num_params() / 1e6, 2),
+        "params_m": round(num_params(model) / 1e6, 2),
         "steps": r["step"],
         "tokens": r["tokens"],
         "bpb": round(r["final"]["bpb"], 4),

@@ -66,7 +66,8 @@ def main() -> None:
 
     from yuyan.evaluate.speed import speed
     from yuyan.model.hf import hf_family
-    from yuyan.model.transformer import Transformer, preset
+    from yuyan.model.presets import preset
+    from yuyan.model.transformer import Transformer
 
     torch.manual_seed(0)
     model = Transformer(preset(a.preset)).eval()

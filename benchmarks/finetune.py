@@ -32,7 +32,8 @@ def child(mode: str, steps: int, batch: int, seq: int, device: str, rank: int) -
 
     from yuyan.data.tasks import masked_lm_loss
     from yuyan.model.lora import apply_lora, count_params
-    from yuyan.model.transformer import Transformer, preset
+    from yuyan.model.presets import preset
+    from yuyan.model.transformer import Transformer
     from yuyan.train.optim import build_optimizer
 
     torch.manual_seed(0)

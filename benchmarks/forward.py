@@ -18,8 +18,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from yuyan.model.flops import num_params
 from yuyan.model.hf import hf_to_ours
-from yuyan.model.transformer import Transformer, preset
+from yuyan.model.presets import preset
+from yuyan.model.transformer import Transformer
 
 
 def ours_step(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -58,7 +60,7 @@ def main() -> None:
     ours = Transformer(cfg).train()
     hf_cfg = GPT2Config(n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ref = GPT2LMHeadModel(hf_cfg).train()  # dropout 0 in both: ModelConfig's default
-    assert ours.num_params() == sum(p.numel() for p in ref.parameters())
+    assert num_params(ours) == sum(p.numel() for p in ref.parameters())
     # the same weights in both (the lm_head is tied), so the two losses must agree
     ours.load_state_dict(hf_to_ours(ref.state_dict(), ours, "gpt2", "benchmark"), strict=False)
 

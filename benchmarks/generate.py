@@ -23,9 +23,11 @@ import torch
 
 from yuyan.generate import GenerationConfig, generate
 from yuyan.generate.kernels import skinny_linear_op
+from yuyan.model.flops import num_params
 from yuyan.model.hf import hf_to_ours
+from yuyan.model.presets import preset
 from yuyan.model.quantize import quantize_int8
-from yuyan.model.transformer import Transformer, preset
+from yuyan.model.transformer import Transformer
 
 
 def bandwidths(mb: int = 512) -> tuple[float, float]:
@@ -93,7 +95,7 @@ def main() -> None:
     ours.load_state_dict(
         hf_to_ours(hf.state_dict(), ours, "gpt2", "benchmark"), strict=False
     )  # lm_head is tied
-    n_params = ours.num_params()
+    n_params = num_params(ours)
     # bytes read per decode step at batch 1: every weight once (the tied embedding once, as the lm_head),
     # except the embedding tables' single looked-up rows
     bytes_per_step = 4 * (n_params - ours.embed_positions.weight.numel())

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from yuyan.evaluate.perplexity import perplexity
+from yuyan.model.flops import num_params
 from yuyan.model.quantize import quantize_int8
 from yuyan.model.transformer import ModelConfig, Transformer
 from yuyan.tokenizer import Tokenizer
@@ -68,7 +69,7 @@ def main() -> None:
 
 def compare(model: Transformer, tok: Tokenizer, texts: list[str], info: dict) -> dict:
     """Bits per byte of `texts` under the fp32 model, then under its int8 copy (quantised in place)."""
-    n_params = model.num_params()
+    n_params = num_params(model)
     fp32 = perplexity(model, tok, texts)
     quantize_int8(model)
     int8 = perplexity(model, tok, texts)

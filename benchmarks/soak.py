@@ -283,8 +283,8 @@ def _make_model(folder: Path, preset: str) -> Path:
     from tests.conftest import small_texts
 
     from yuyan.model.checkpoint import save_checkpoint
+    from yuyan.model.presets import preset as model_preset
     from yuyan.model.transformer import Transformer
-    from yuyan.model.transformer import preset as model_preset
     from yuyan.tokenizer import Tokenizer
 
     tok = Tokenizer.train(small_texts(), vocab_size=1024)

@@ -116,7 +116,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from yuyan.model.transformer import preset
+    from yuyan.model.flops import flops_per_token, num_params
+    from yuyan.model.presets import preset
 
     shapes = {  # CPU-sized batches: the demo's own, and a 124M model at batch 2 x context 256
         "demo": (preset("demo"), 16, 8, 3),
@@ -142,8 +143,8 @@ def main() -> None:
             row = {"shape": name, "variant": variant, "batch": batch, "context": cfg.block_size}
             ours, ours_run = ours_step(cfg, batches, variant)
             hf, hf_run = hf_step(cfg, batches, variant)
-            fpt = ours.flops_per_token(cfg.block_size, training=True)
-            row["params_m"] = round(ours.num_params() / 1e6, 2)
+            fpt = flops_per_token(ours, cfg.block_size, training=True)
+            row["params_m"] = round(num_params(ours) / 1e6, 2)
             row["flops_per_token_m"] = round(fpt / 1e6, 2)
             # alternate rounds (ours, theirs, ours, ...) so a machine shared with other jobs slows both alike
             secs = {"yuyan": [], "hf": []}

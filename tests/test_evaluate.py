@@ -207,9 +207,10 @@ def test_classify_metrics_match_predictions(tmp_path, tokenizer):
 
 def test_speed_reports_everything(tiny_model):
     from yuyan.evaluate.speed import speed
+    from yuyan.model.flops import flops_per_token, num_params
 
     r = speed(tiny_model, prompt_len=8, new_tokens=6, batch_sizes=(1, 2), repeats=1)
-    assert r["params"] == tiny_model.num_params() and r["flops_per_token"] == tiny_model.flops_per_token(14)
+    assert r["params"] == num_params(tiny_model) and r["flops_per_token"] == flops_per_token(tiny_model, 14)
     for k in ("ttft_ms", "decode_tok_s_b1", "decode_tok_s_b2", "peak_rss_mb"):
         assert r[k] > 0
 

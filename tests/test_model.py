@@ -9,8 +9,10 @@ from tests.conftest import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from yuyan.model.flops import flops_per_token, num_params
 from yuyan.model.kv_cache import KVCache
-from yuyan.model.transformer import PRESETS, ModelConfig, Transformer, preset
+from yuyan.model.presets import PRESETS, preset
+from yuyan.model.transformer import ModelConfig, Transformer
 
 
 def _meta(cls, config):
@@ -22,10 +24,10 @@ def test_gpt2_preset_param_count_equals_transformers():
     ours = _meta(Transformer, preset("gpt2"))
     theirs = _meta(GPT2LMHeadModel, GPT2Config())  # the 124M GPT-2 config
     n = sum(p.numel() for p in theirs.parameters())
-    assert ours.num_params() == n == 124_439_808
+    assert num_params(ours) == n == 124_439_808
     ours_m = _meta(Transformer, preset("gpt2-medium"))
     theirs_m = _meta(GPT2LMHeadModel, GPT2Config(n_embd=1024, n_layer=24, n_head=16))
-    assert ours_m.num_params() == sum(p.numel() for p in theirs_m.parameters())
+    assert num_params(ours_m) == sum(p.numel() for p in theirs_m.parameters())
 
 
 def test_llama_1b_preset_param_count_equals_transformers():
@@ -39,7 +41,7 @@ def test_llama_1b_preset_param_count_equals_transformers():
         num_key_value_heads=c.n_kv_head,
         tie_word_embeddings=True,
     )
-    assert _meta(Transformer, c).num_params() == sum(
+    assert num_params(_meta(Transformer, c)) == sum(
         p.numel() for p in _meta(LlamaForCausalLM, hf).parameters()
     )
 
@@ -47,7 +49,7 @@ def test_llama_1b_preset_param_count_equals_transformers():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_build(name):
     m = _meta(Transformer, preset(name))
-    assert m.num_params() > 0 and m.lm_head.weight.shape == (m.config.vocab_size, m.config.d_model)
+    assert num_params(m) > 0 and m.lm_head.weight.shape == (m.config.vocab_size, m.config.d_model)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "llama-mqa", "llama-mha"])
@@ -163,11 +165,11 @@ def test_flops_per_token_against_torch_flop_counter(family):
     c = model.config
     full_attn_extra = c.n_layer * c.n_head * c.head_dim * 2 * T * T  # the upper triangle FlopCounter counts
     measured_per_token = (counter.get_total_flops() - full_attn_extra) / T
-    assert model.flops_per_token(T) == pytest.approx(measured_per_token, rel=0.02)
-    assert model.flops_per_token(T, training=True) == 3 * model.flops_per_token(T)
+    assert flops_per_token(model, T) == pytest.approx(measured_per_token, rel=0.02)
+    assert flops_per_token(model, T, training=True) == 3 * flops_per_token(model, T)
     # the 124M GPT-2: ~6N training FLOPs per token plus attention, N counted with the lm_head matmul
     g = _meta(Transformer, preset("gpt2"))
-    assert 6 * 124e6 < g.flops_per_token(1024, training=True) < 6 * 124e6 * 1.3
+    assert 6 * 124e6 < flops_per_token(g, 1024, training=True) < 6 * 124e6 * 1.3
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -26,13 +26,14 @@ def from_hf_cmd(
     Example: yuyan convert from-hf ./gpt2-hf ./ckpt/gpt2
     """
     from yuyan.model.checkpoint import save_checkpoint
+    from yuyan.model.flops import num_params
     from yuyan.model.hf import download, load_hf
 
     folder = download(src[3:]) if src.startswith("hf:") else src
     lm = load_hf(folder)
     gen = lm.meta.get("generation_config")
     path = save_checkpoint(out, lm.model, lm.tokenizer, meta=lm.meta, generation_config=gen)
-    n = lm.model.num_params()
+    n = num_params(lm.model)
     print(f"wrote {path} ({lm.meta['hf_model_type']}, {n / 1e6:.2f}M parameters)")
 
 

@@ -6,7 +6,7 @@ the first token; decode tokens/s counts the tokens produced after it, over all r
 size runs once to warm up (allocations, kernels) and then `repeats` times; the best run is reported (the
 least disturbed by other jobs). The model is laid out for decoding first, as `generate` does
 (`yuyan.generate.engine.decode_layout`: the decode kernel on CPU). Peak memory is the process's peak
-resident set size (and CUDA's peak allocation on a GPU); FLOPs per token come from `model.flops_per_token`.
+resident set size (and CUDA's peak allocation on a GPU); FLOPs per token come from `yuyan.model.flops`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from yuyan.errors import UserError
 from yuyan.generate.engine import decode_layout
+from yuyan.model.flops import flops_per_token, num_params
 from yuyan.model.kv_cache import KVCache
 from yuyan.model.transformer import Transformer
 
@@ -106,9 +107,9 @@ def speed(
         out[f"ms_per_step_b{b}"] = 1000 * dec / (new_tokens - 1)
     first = batch_sizes[0]
     out["ttft_ms"] = out[f"ttft_ms_b{first}"]
-    out["params"] = model.num_params()
-    out["params_non_embedding"] = model.num_params(exclude_embeddings=True)
-    out["flops_per_token"] = model.flops_per_token(seq_len=prompt_len + new_tokens)
+    out["params"] = num_params(model)
+    out["params_non_embedding"] = num_params(model, exclude_embeddings=True)
+    out["flops_per_token"] = flops_per_token(model, seq_len=prompt_len + new_tokens)
     out["decode_gflop_s_b1"] = out.get("decode_tok_s_b1", 0.0) * out["flops_per_token"] / 1e9
     out["weights_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     out["peak_rss_mb"] = peak_rss_bytes() / 2**20

@@ -10,7 +10,8 @@ import torch
 from yuyan.errors import UserError
 from yuyan.model.checkpoint import LanguageModel, load_checkpoint, read_config
 from yuyan.model.kv_cache import KVCache
-from yuyan.model.transformer import ModelConfig, Transformer, preset
+from yuyan.model.presets import preset
+from yuyan.model.transformer import ModelConfig, Transformer
 
 
 def load(spec: str | os.PathLike, device: torch.device | str | None = None) -> LanguageModel:

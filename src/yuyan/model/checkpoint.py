@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from yuyan.errors import UserError
-from yuyan.model.transformer import ModelConfig, Transformer
+from yuyan.model.flops import num_params
+from yuyan.model.transformer import ModelConfig, Transformer, rope_inv_freq
 from yuyan.tokenizer import Tokenizer
 
 FORMAT, VERSION = "yuyan", 1
@@ -200,16 +201,14 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> T
         )
     with torch.device("meta"):
         m = Transformer(cfg)
-    n = m.num_params()
+    n = num_params(m)
     if n > MAX_PARAMS:
         raise UserError(
             f"config asks for {n:.3g} parameters (over the {MAX_PARAMS:.0e} limit); the config is corrupt or absurd"
         )
     m = m.to_empty(device=device or "cpu")
     if cfg.pos == "rope":
-        from yuyan.model.transformer import _rope_inv_freq
-
-        m.inv_freq = _rope_inv_freq(cfg).to(m.inv_freq.device)
+        m.inv_freq = rope_inv_freq(cfg).to(m.inv_freq.device)
     if cfg.tie_embeddings:
         m.lm_head.weight = m.embed_tokens.weight
     return m

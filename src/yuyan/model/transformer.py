@@ -4,7 +4,8 @@ A decoder-only transformer whose differences between families are a handful of e
 `ModelConfig` (norm, positions, MLP, tied embeddings, `n_kv_head`). Parameter names follow Hugging Face's
 Llama layout (`embed_tokens`, `layers.i.self_attn.q_proj`, `mlp.gate_proj`, `norm`, `lm_head`) so that
 import/export is a key table. The KV cache is a small object owned by the caller and passed into
-`forward`; the model writes the new keys/values into it but never advances it (the engine does).
+`forward`; the model writes the new keys/values into it but never advances it (the engine does). Named
+shapes live in presets.py, parameter and FLOP counts in flops.py.
 """
 
 from __future__ import annotations
@@ -88,37 +89,8 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-_LLAMA = dict(ffn="swiglu", norm="rmsnorm", pos="rope", bias=False, tie_embeddings=False, norm_eps=1e-5)
-PRESETS: dict[str, dict] = {
-    # sized for the 5-minute, 2-core CPU budget of `yuyan demo` (see BENCHMARKS.md for the sweep)
-    "demo": dict(vocab_size=4096, block_size=128, n_layer=4, n_head=4, d_model=128),
-    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768),
-    "gpt2-medium": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024),
-    "llama-tiny": dict(
-        vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, d_model=128, **_LLAMA
-    ),
-    # Llama-3.2-1B shape
-    "llama-1b": dict(
-        vocab_size=128256,
-        block_size=8192,
-        n_layer=16,
-        n_head=32,
-        n_kv_head=8,
-        d_model=2048,
-        d_ff=8192,
-        rope_theta=500000.0,
-        **{**_LLAMA, "tie_embeddings": True},
-    ),
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
-
-
-def _rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies (head_dim / 2,), rescaled Llama-3 style when `rope_scaling` says so."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     rs = config.rope_scaling
@@ -249,7 +221,7 @@ class Transformer(nn.Module):
         if config.pos == "learned":
             self.embed_positions = nn.Embedding(config.block_size, config.d_model)
         else:
-            self.register_buffer("inv_freq", _rope_inv_freq(config), persistent=False)
+            self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = Norm(config)
@@ -331,26 +303,8 @@ class Transformer(nn.Module):
         h = self.hidden(idx, pos, cache, attn_weights, hidden_states)
         return self.lm_head(h) if targets is None else linear_cross_entropy(h, self.lm_head, targets)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once by parameters()
-        if exclude_embeddings:
-            n -= self.embed_tokens.weight.numel()
-            if self.config.pos == "learned":
-                n -= self.embed_positions.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len: int | None = None, training: bool = False) -> float:
-        """Matmul FLOPs per token: 2N forward (+ attention scores), x3 with backward (PaLM appendix B)."""
-        c = self.config
-        T = seq_len or c.block_size
-        n = self.num_params(exclude_embeddings=True)
-        if self.lm_head_weight_tied():
-            n += c.vocab_size * c.d_model  # the lm_head matmul runs even when its weight is the embedding
-        fwd = 2 * n + 2 * c.n_layer * c.n_head * c.head_dim * T  # QK^T and AV over ~T/2 keys, x2
-        return float(3 * fwd if training else fwd)
-
     def lm_head_weight_tied(self) -> bool:
         return self.lm_head.weight is self.embed_tokens.weight
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "Transformer"]
+__all__ = ["ModelConfig", "Transformer"]

@@ -69,6 +69,7 @@ def run_demo(
     from yuyan.config import apply_overrides
     from yuyan.errors import UserError
     from yuyan.model import load
+    from yuyan.model.flops import num_params
     from yuyan.train.pretrain import train
 
     if minutes <= 0:
@@ -123,7 +124,7 @@ def run_demo(
     table = Table(title="yuyan demo", show_header=False)
     table.add_row("held-out bits per byte", f"{final['bpb']:.4f}")
     table.add_row("held-out perplexity", f"{final['ppl']:.2f} (per token; loss {final['loss']:.4f} nats)")
-    table.add_row("parameters", f"{model.num_params() / 1e6:.2f}M")
+    table.add_row("parameters", f"{num_params(model) / 1e6:.2f}M")
     table.add_row(
         "training", f"{result['step']} steps, {result['tokens']:,} tokens, {result['elapsed']:.0f} s"
     )
@@ -140,5 +141,5 @@ def run_demo(
         "step": result["step"],
         "tokens": result["tokens"],
         "elapsed": result["elapsed"],
-        "params": model.num_params(),
+        "params": num_params(model),
     }

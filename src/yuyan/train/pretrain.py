@@ -15,6 +15,7 @@ import torch
 
 from yuyan.config import load_config
 from yuyan.errors import UserError
+from yuyan.model.flops import num_params
 from yuyan.train import distributed as D
 from yuyan.train.loop import LMTask, TrainConfig, fit
 
@@ -65,7 +66,8 @@ def prepare_shards(cfg: TrainConfig, tokenizer, out: Path, info: D.DistInfo):
 
 
 def build_model(cfg: TrainConfig, vocab_size: int):
-    from yuyan.model.transformer import Transformer, preset
+    from yuyan.model.presets import preset
+    from yuyan.model.transformer import Transformer
 
     over = cfg.model.overrides()
     over.setdefault("vocab_size", vocab_size)
@@ -108,7 +110,7 @@ def train(
     if info.is_main:
         from rich.console import Console
 
-        n = model.num_params()
+        n = num_params(model)
         Console(stderr=True).print(
             f"model: {cfg.model.preset} {n / 1e6:.2f}M parameters "
             f"(d_model {model.config.d_model}, {model.config.n_layer} layers, vocab "
@@ -118,7 +120,7 @@ def train(
     meta = {
         "corpus": cfg.data.corpus,
         "corpus_fingerprint": shards.meta.get("corpus_fingerprint"),
-        "params": model.num_params(),
+        "params": num_params(model),
     }
     result = fit(model, tokenizer, task, cfg, out, resume=resume, meta=meta)
     return {
