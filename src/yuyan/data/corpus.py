@@ -25,6 +25,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from yuyan.errors import UserError
 
@@ -364,41 +365,56 @@ def _jsonl_docs(key: str, path: Path, split: str, text_field: str, stats: Corpus
         return
     stats.files += 1
     with f:
-        lineno = 0
-        while True:
-            try:
-                line = f.readline(MAX_JSONL_LINE)
-            except OSError as e:
-                stats.skip("unreadable", f"{key}: {e.strerror or e}")
-                return
-            if not line:
-                return
-            lineno += 1
-            if len(line) >= MAX_JSONL_LINE and not line.endswith(b"\n"):
-                stats.skip("bad_json_lines", f"{key}:{lineno} longer than {MAX_JSONL_LINE >> 20} MB")
-                while (rest := f.readline(MAX_JSONL_LINE)) and not rest.endswith(b"\n"):
-                    pass
-                continue
-            if not line.strip():
-                continue
+        for lineno, line in _jsonl_lines(key, f, stats):
             name = f"{key}:{lineno}"
             s = split_of(name)
             if split != "all" and s != split:
-                continue
-            try:
-                rec = json.loads(line)
-            except (UnicodeDecodeError, ValueError):
-                stats.skip("bad_json_lines", f"{name} is not JSON")
-                continue
-            text = rec.get(text_field) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                stats.skip("bad_json_lines", f"{name} has no string field {text_field!r}")
-                continue
-            if not text:
-                stats.skipped_empty += 1
+                continue  # the other split's lines are not even parsed
+            text = _jsonl_text(name, line, text_field, stats)
+            if text is None:
                 continue
             for k, piece in enumerate(_pieces(iter([text]), PIECE_CHARS)):
                 yield Document(name if k == 0 else f"{name}#{k}", piece, s, name, k)
+
+
+def _jsonl_lines(key: str, f: BinaryIO, stats: CorpusStats) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of an open JSONL file with their 1-based numbers. A line longer than
+    MAX_JSONL_LINE is skipped and counted without ever being held whole; a read error ends the file."""
+    lineno = 0
+    while True:
+        try:
+            line = f.readline(MAX_JSONL_LINE)
+        except OSError as e:
+            stats.skip("unreadable", f"{key}: {e.strerror or e}")
+            return
+        if not line:
+            return
+        lineno += 1
+        if len(line) >= MAX_JSONL_LINE and not line.endswith(b"\n"):
+            stats.skip("bad_json_lines", f"{key}:{lineno} longer than {MAX_JSONL_LINE >> 20} MB")
+            while (rest := f.readline(MAX_JSONL_LINE)) and not rest.endswith(b"\n"):
+                pass
+            continue
+        if line.strip():
+            yield lineno, line
+
+
+def _jsonl_text(name: str, line: bytes, text_field: str, stats: CorpusStats) -> str | None:
+    """The text field of one JSONL record; None (and counted) when the line is not JSON, lacks a string
+    field of that name, or holds an empty one."""
+    try:
+        rec = json.loads(line)
+    except (UnicodeDecodeError, ValueError):
+        stats.skip("bad_json_lines", f"{name} is not JSON")
+        return None
+    text = rec.get(text_field) if isinstance(rec, dict) else None
+    if not isinstance(text, str):
+        stats.skip("bad_json_lines", f"{name} has no string field {text_field!r}")
+        return None
+    if not text:
+        stats.skipped_empty += 1
+        return None
+    return text
 
 
 def _sections(key: str, chunks: Iterator[str], split: str) -> Iterator[Document]:

@@ -188,81 +188,121 @@ def _progress(enabled: bool):
 def _tokenize_to(
     tmp, spec, tok, dtype, text_field, extensions, stats, workers, progress, batch_bytes
 ) -> dict:
+    """Writes tmp/{train,val}.bin for the corpus; returns the per-split token, byte and document counts."""
     workers = max(1, workers or os.cpu_count() or 1)
     batch_bytes = batch_bytes or min(16 << 20, max(BATCH_BYTES, workers << 20))
-    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLIT_NAMES}  # noqa: SIM115 (closed below)
-    counts = {s: {"tokens": 0, "bytes": 0, "docs": 0} for s in SPLIT_NAMES}
-    last: dict[str, tuple[str, int] | None] = dict.fromkeys(SPLIT_NAMES)  # (source, piece) of the last doc
-    eot = [tok.eot_id]
+    total = corpus_size(spec, extensions)
+    batches = _document_batches(spec, text_field, extensions, stats, batch_bytes)
+    writer = _ShardWriter(tmp, dtype, tok.eot_id)
+    try:
+        with _progress(progress) as bar, contextlib.closing(_encode_ahead(tok, batches, workers)) as encoded:
+            task = bar.add_task("tokenizing", total=total)
+            for meta, ids in encoded:
+                bar.advance(task, writer.write(meta, ids))
+            writer.finish()
+            bar.update(task, completed=total)
+    finally:
+        writer.close()
+    return writer.counts
 
-    def write(batch, encoded) -> int:
+
+# one document piece of a batch: (split, source, piece index, UTF-8 bytes)
+PieceMeta = tuple[str, str, int, int]
+
+
+def _document_batches(
+    spec, text_field, extensions, stats, batch_bytes: int
+) -> Iterator[tuple[list[str], list[PieceMeta]]]:
+    """The corpus's document pieces (texts and their metadata) in batches of at least `batch_bytes` of
+    UTF-8 text; the last batch may be smaller."""
+    texts: list[str] = []
+    meta: list[PieceMeta] = []
+    size = 0
+    for doc in iter_documents(spec, "all", text_field, extensions, stats):
+        nbytes = len(doc.text.encode("utf-8"))
+        texts.append(doc.text)
+        meta.append((doc.split, doc.source, doc.piece, nbytes))
+        size += nbytes
+        if size >= batch_bytes:
+            yield texts, meta
+            texts, meta, size = [], [], 0
+    if texts:
+        yield texts, meta
+
+
+def _encode_ahead(
+    tok: Tokenizer, batches: Iterator[tuple[list[str], list[PieceMeta]]], workers: int
+) -> Iterator[tuple[list[PieceMeta], list[list[int]]]]:
+    """Each batch's metadata and token ids, in order. A batch is split across `workers` threads, and while
+    the caller writes one batch the next is read and encoded: at most two batches are in memory."""
+    pool = ThreadPoolExecutor(workers)
+    inflight: deque = deque()  # (batch meta, [futures])
+    try:
+        for texts, meta in batches:
+            step = -(-len(texts) // workers)
+            futs = [pool.submit(tok.encode_batch, texts[i : i + step]) for i in range(0, len(texts), step)]
+            inflight.append((meta, futs))
+            while len(inflight) > 1:
+                yield _encoded(*inflight.popleft())
+        while inflight:
+            yield _encoded(*inflight.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encoded(meta: list[PieceMeta], futs: list) -> tuple[list[PieceMeta], list[list[int]]]:
+    return meta, list(itertools.chain.from_iterable(f.result() for f in futs))
+
+
+class _ShardWriter:
+    """Appends each split's token ids to its .bin file, with one end-of-text token after every document.
+
+    A long document arrives as consecutive pieces of one source; the end-of-text token goes in when the
+    next piece of the split starts another document (or the split ends), never between pieces."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, eot_id: int):
+        self.dtype = dtype
+        self.eot = [eot_id]
+        self.files = {s: open(folder / f"{s}.bin", "wb") for s in SPLIT_NAMES}  # noqa: SIM115 (closed in close())
+        self.counts = {s: {"tokens": 0, "bytes": 0, "docs": 0} for s in SPLIT_NAMES}
+        self.last: dict[str, tuple[str, int] | None] = dict.fromkeys(SPLIT_NAMES)  # (source, piece)
+
+    def write(self, meta: list[PieceMeta], encoded: list[list[int]]) -> int:
+        """Appends one batch; returns its UTF-8 bytes (for the progress bar)."""
         per_split: dict[str, list[list[int]]] = {s: [] for s in SPLIT_NAMES}
         done = 0
-        for (split, source, piece, nbytes), ids in zip(
-            batch, itertools.chain.from_iterable(encoded), strict=True
-        ):
-            prev = last[split]
+        for (split, source, piece, nbytes), ids in zip(meta, encoded, strict=True):
+            prev = self.last[split]
             if prev is not None and not (prev[0] == source and piece == prev[1] + 1):
-                per_split[split].append(eot)  # the previous document ended
+                per_split[split].append(self.eot)  # the previous document ended
             if piece == 0:
-                counts[split]["docs"] += 1
+                self.counts[split]["docs"] += 1
             per_split[split].append(ids)
-            last[split] = (source, piece)
-            counts[split]["bytes"] += nbytes
+            self.last[split] = (source, piece)
+            self.counts[split]["bytes"] += nbytes
             done += nbytes
         for s, lists in per_split.items():
             if lists:
-                arr = np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype)
-                arr.tofile(files[s])
-                counts[s]["tokens"] += len(arr)
+                self._append(s, itertools.chain.from_iterable(lists))
         return done
 
-    total = corpus_size(spec, extensions)
-    bar = _progress(progress)
-    pool = ThreadPoolExecutor(workers)
-    inflight: deque = deque()  # (batch meta, [futures]); at most 2 batches: bounded memory
-    try:
-        with bar:
-            task = bar.add_task("tokenizing", total=total)
+    def _append(self, split: str, ids) -> None:
+        arr = np.fromiter(ids, dtype=self.dtype)
+        arr.tofile(self.files[split])
+        self.counts[split]["tokens"] += len(arr)
 
-            def submit(texts, meta):
-                step = -(-len(texts) // workers)
-                futs = [
-                    pool.submit(tok.encode_batch, texts[i : i + step]) for i in range(0, len(texts), step)
-                ]
-                inflight.append((meta, futs))
-
-            def drain(keep: int):
-                while len(inflight) > keep:
-                    meta, futs = inflight.popleft()
-                    bar.advance(task, write(meta, [f.result() for f in futs]))
-
-            texts, meta, size = [], [], 0
-            for doc in iter_documents(spec, "all", text_field, extensions, stats):
-                nbytes = len(doc.text.encode("utf-8"))
-                texts.append(doc.text)
-                meta.append((doc.split, doc.source, doc.piece, nbytes))
-                size += nbytes
-                if size >= batch_bytes:
-                    submit(texts, meta)
-                    drain(1)
-                    texts, meta, size = [], [], 0
-            if texts:
-                submit(texts, meta)
-            drain(0)
-            for s in SPLIT_NAMES:
-                if last[s] is not None:  # the last document of each split ends too
-                    np.asarray(eot, dtype=dtype).tofile(files[s])
-                    counts[s]["tokens"] += 1
-            bar.update(task, completed=total)
-        for f in files.values():
+    def finish(self) -> None:
+        """Ends the last document of each split and makes the files durable."""
+        for s in SPLIT_NAMES:
+            if self.last[s] is not None:
+                self._append(s, self.eot)
+        for f in self.files.values():
             f.flush()
             os.fsync(f.fileno())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for f in files.values():
+
+    def close(self) -> None:
+        for f in self.files.values():
             f.close()
-    return counts
 
 
 class TokenShards:
