@@ -11,6 +11,7 @@ is normal, but a submodule that takes a name back through its package's `__init_
 `importlib.import_module("yuyan.x")` counts, and an f-string `f"yuyan.cli.{name}"` counts as importing every
 module under that prefix. Private names are those with one leading underscore (dunders are public);
 `from yuyan.x import _f` and `m._f` after `import yuyan.x as m` count, inside the same module they do not.
+Last, every import must point down (or across) the layers of docs/architecture.md, never up.
 """
 
 from __future__ import annotations
@@ -272,6 +273,41 @@ def test_no_import_cycles(yuyan_scan):
     assert not cycles, f"{len(cycles)} import cycle(s) in yuyan:\n{report}"
 
 
+# docs/architecture.md's dependency rule, bottom layer first: a module imports its own layer or lower ones
+LAYERS = [
+    ["yuyan.config", "yuyan.errors", "yuyan.plots"],
+    ["yuyan.model", "yuyan.data", "yuyan.tokenizer"],
+    ["yuyan.generate", "yuyan.train", "yuyan.evaluate", "yuyan.interpret"],
+    ["yuyan.cli", "yuyan.serve", "yuyan.apps", "yuyan.__main__"],
+    ["yuyan"],  # the public API re-exports from below; nothing inside imports it
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the longest package prefix that holds `module` (None when none does)."""
+    best = None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            inside = module == p or (
+                p != PACKAGE and module.startswith(p + ".")
+            )  # the root holds only itself
+            if inside and (best is None or len(p) > len(best[1])):
+                best = (i, p)
+    return None if best is None else best[0]
+
+
+def test_dependencies_point_down_the_layers(yuyan_scan):
+    edges, _ = yuyan_scan
+    modules = {e.source for e in edges} | {e.target for e in edges}
+    unplaced = sorted(m for m in modules if layer_of(m) is None)
+    assert not unplaced, (
+        f"modules in no layer of LAYERS (add them where docs/architecture.md puts them): {unplaced}"
+    )
+    upward = [e for e in edges if layer_of(e.target) > layer_of(e.source)]
+    report = "\n".join(f"  {e.source}:{e.line} ({e.how}) -> {e.target}" for e in upward)
+    assert not upward, f"imports that point up the layers of docs/architecture.md:\n{report}"
+
+
 def test_no_private_names_of_other_modules(yuyan_scan):
     _, private = yuyan_scan
     report = "\n".join(f"  {p.module}:{p.line} uses {p.name}" for p in private)
@@ -341,3 +377,11 @@ def test_scan_finds_the_cycles_the_rules_describe(tmp_path):
         ("yuyan.user", "yuyan.gen.engine._step"),
         ("yuyan.user", "yuyan.gen.sampling._top_k"),
     ]
+
+
+def test_layer_of_takes_the_longest_prefix():
+    assert layer_of("yuyan") == 4
+    assert layer_of("yuyan.generate.sampling") == 2
+    assert layer_of("yuyan.cli.generate") == 3
+    assert layer_of("yuyan.configs") is None  # a prefix must end at a dot
+    assert layer_of("yuyan.newpackage.x") is None
