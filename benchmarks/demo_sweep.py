@@ -1,9 +1,10 @@
 """Demo preset sweep: held-out bits per byte on the stdlib val split for model/data settings at a compute budget.
 
 Each configuration trains for the number of steps a *quiet* 2-core machine does in `--seconds` (steps =
-seconds x 85 GFLOP/s / (flops_per_token x batch x context); 85 GFLOP/s is the fp32 training rate measured
-in PERF-NOTES), so results do not depend on how busy the machine is while sweeping. Tokenizers and shards
-are built once per vocabulary size with yuyan's own pipeline under --work. One JSON line per configuration.
+seconds x 85 GFLOP/s / (flops_per_token x batch x context); 85 GFLOP/s is the fp32 rate demo-sized GPTs
+trained at on a quiet 2-vCPU AMD EPYC Zen 4 VM, 2026-11-28), so results do not depend on how busy the
+machine is while sweeping. Tokenizers and shards are built once per vocabulary size with yuyan's own
+pipeline under --work. One JSON line per configuration.
 
   python benchmarks/demo_sweep.py --seconds 60 --configs 'base;context=128,batch=32;lr=6e-3;vocab=8192'
 """
