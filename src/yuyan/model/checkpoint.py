@@ -1,6 +1,6 @@
 """Atomic save and verified load of yuyan's checkpoint folder.
 
-Layout (DESIGN.md): config.json (ModelConfig + "format": "yuyan" + version + metadata), model.safetensors,
+Layout: config.json (ModelConfig + "format": "yuyan" + version + metadata), model.safetensors,
 tokenizer.json, optional generation_config.json, optional trainer_state.pt + state.json, and manifest.json
 with the sha256 of every other file. A folder is written to a temp sibling and renamed into place, so a kill
 at any moment leaves either the old checkpoint or the new one whole, never a mix. Loading never unpickles

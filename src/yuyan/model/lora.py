@@ -7,7 +7,7 @@ base `weight`/`bias` under the same names, so a base checkpoint's state dict loa
 B starts at zero, so a fresh adapter leaves the outputs exactly unchanged. `merge_lora` folds B A into W
 and swaps plain `nn.Linear`s back (exact up to float rounding); `save_adapter` writes only the adapter
 (PEFT-like adapter_config.json + adapter_model.safetensors, atomically) and `load_adapter` re-applies it to
-a base model. Composition by module swapping, not subclassing (STYLE principle 5; torchtune's peft/lora.py).
+a base model. Module swapping, not subclassing (as in torchtune's peft/lora.py): the model class stays one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The fine-tuning recipe, top to bottom: load a model → data task → (LoRA) (head) → the one `fit` loop → save.
 
-One recipe for every fine-tuning family (STYLE principle 6): `task` is lm (next-token loss on a text
+One recipe for every fine-tuning family (options, not copied recipes): `task` is lm (next-token loss on a text
 corpus, through token shards like pre-training), sft (loss on assistant/completion tokens only) or classify
 (a linear head over the last/mean hidden state); `lora` switches full fine-tuning to LoRA adapters. The
 model comes from any `yuyan.load` spec (our checkpoint or an imported Hugging Face folder). Resume,
