@@ -2,7 +2,8 @@
 
 `load_config(Cls, path, overrides)` fills a (possibly nested) dataclass from a TOML file, then applies
 command-line overrides such as `--train.lr 3e-4 --model.n_layer 6`. Values are converted to the field's
-type; an unknown section or key is a clear error naming the known ones.
+type (a list from "0.9,0.95", a table from a JSON object); an unknown section or key is a clear error
+naming the known ones.
 """
 
 from __future__ import annotations
@@ -34,44 +35,69 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     """Convert a TOML value or a command-line string to type tp."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        for a in args:
-            try:
-                return _convert(value, a, where)
-            except (UserError, ValueError, TypeError):
-                continue
-        raise UserError(f"{where}: cannot read {value!r} as {tp}")
+        return _to_optional(value, tp, where)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a table, got {value!r}")
         return from_dict(tp, value, where)
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise UserError(f"{where}: expected true or false, got {value!r}")
+        return _to_bool(value, where)
     if tp in (int, float):
-        try:
-            if tp is int and isinstance(value, str):
-                return int(float(value)) if "e" in value.lower() else int(value)
-            return tp(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        return _to_number(value, tp, where)
     if tp is str:
         return str(value)
     if origin in (list, tuple):
-        if isinstance(value, str):
+        if isinstance(value, str):  # "0.9,0.95" or a JSON list
             value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
         (inner, *_) = typing.get_args(tp) or (Any,)
         return [_convert(v, inner, where) for v in value]
     if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = json.loads(value)
-        return dict(value)
+        return _to_table(value, where)
     return value
+
+
+def _to_optional(value: Any, tp: Any, where: str) -> Any:
+    """A union such as `int | None`: None (or "none"/"null" on the command line), else the first type that
+    reads the value."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    for a in typing.get_args(tp):
+        if a is type(None):
+            continue
+        try:
+            return _convert(value, a, where)
+        except (UserError, ValueError, TypeError):
+            continue
+    raise UserError(f"{where}: cannot read {value!r} as {tp}")
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise UserError(f"{where}: expected true or false, got {value!r}")
+
+
+def _to_number(value: Any, tp: type, where: str) -> int | float:
+    try:
+        if tp is int and isinstance(value, str):
+            return int(float(value)) if "e" in value.lower() else int(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+
+
+def _to_table(value: Any, where: str) -> dict:
+    """A TOML table, or on the command line a JSON object: --model.rope_scaling '{"factor": 8.0}'."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise UserError(f"{where}: expected a JSON object, got {value!r}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a table, got {value!r}")
+    return dict(value)
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
@@ -98,17 +124,21 @@ def apply_overrides(obj: T, overrides: dict[str, str]) -> T:
         parts = key.split(".")
         cls, node = types_root, data
         for i, part in enumerate(parts):
-            ftypes = _field_types(cls) if _is_dataclass_type(cls) else {}
+            ftypes = _field_types(cls)
             if part not in ftypes:
-                known = sorted(ftypes) if ftypes else []
-                raise UserError(f"unknown setting --{key}: {'.'.join(parts[:i]) or 'top level'} has {known}")
+                where = ".".join(parts[:i]) or "top level"
+                raise UserError(f"unknown setting --{key}: {where} has {sorted(ftypes)}")
             tp = ftypes[part]
             if i == len(parts) - 1:
                 node[part] = _convert(raw, tp, f"--{key}")
             else:
-                # Optional[Dataclass]: descend into the dataclass
-                inner = [a for a in typing.get_args(tp) if _is_dataclass_type(a)]
-                cls = inner[0] if inner else tp
+                # a section, or Optional[section]: descend into the dataclass
+                inner = [a for a in (tp, *typing.get_args(tp)) if _is_dataclass_type(a)]
+                if not inner:
+                    raise UserError(
+                        f"unknown setting --{key}: {'.'.join(parts[: i + 1])} is a value, not a section"
+                    )
+                cls = inner[0]
                 if node.get(part) is None:
                     node[part] = to_dict(cls())
                 node = node[part]
