@@ -30,9 +30,9 @@ def load(spec: str | os.PathLike, device: torch.device | str | None = None) -> L
     if p.is_file():
         raise UserError(f"{p} is a file; pass the model folder that holds config.json")
     if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
-        from yuyan.model.lora import load_adapter_model  # a LoRA adapter folder: its base + the adapter
+        from yuyan.model.lora import adapter_base, attach_adapter
 
-        return load_adapter_model(p, device)
+        return attach_adapter(load(adapter_base(p), device), p)  # a LoRA adapter: its base + the adapter
     if read_config(p).get("format") == "yuyan":
         return load_checkpoint(p, device)
     from yuyan.model.hf import load_hf

@@ -242,19 +242,22 @@ def load_adapter(
     return model, doc, extra
 
 
-def load_adapter_model(path: str | os.PathLike, device: torch.device | str | None = None, merge: bool = True):
-    """A LanguageModel from an adapter folder: its base (`base_model_name_or_path`) plus the adapter, merged by
-    default (plain modules, full speed); the adapter's head tensors and meta (e.g. a classifier) come along."""
-    from yuyan.model import load
-
-    doc = read_adapter_config(path)
-    base = doc.get("base_model_name_or_path") or ""
+def adapter_base(path: str | os.PathLike) -> str:
+    """The model spec of the base an adapter folder was trained from (`base_model_name_or_path`)."""
+    base = read_adapter_config(path).get("base_model_name_or_path") or ""
     if not base:
         raise UserError(
             f"{path}/{ADAPTER_CONFIG} names no base model; load the base with yuyan.load and "
             "apply the adapter with yuyan.model.lora.load_adapter"
         )
-    lm = load(base, device)
+    return base
+
+
+def attach_adapter(lm, path: str | os.PathLike, merge: bool = True):
+    """The LanguageModel `lm` (the adapter's base, loaded by the caller: `yuyan.load` does it for an adapter
+    folder) with the adapter in `path` applied, merged by default (plain modules, full speed); the adapter's
+    head tensors and meta (e.g. a classifier) come along."""
+    doc = read_adapter_config(path)
     _, _, extra = load_adapter(lm.model, path)
     if merge:
         merge_lora(lm.model)
@@ -280,7 +283,8 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter_config",
-    "load_adapter_model",
+    "adapter_base",
+    "attach_adapter",
     "lora_modules",
     "count_params",
     "ADAPTER_CONFIG",
