@@ -39,9 +39,10 @@ def data_for(vocab: int, work: Path):
 
 def run(name: str, settings: dict, seconds: float, work: Path) -> dict:
     from yuyan.config import apply_overrides
+    from yuyan.data.tasks import LMTask
     from yuyan.model.flops import flops_per_token, num_params
     from yuyan.model.transformer import ModelConfig, Transformer
-    from yuyan.train import LMTask, TrainConfig, fit
+    from yuyan.train import TrainConfig, fit
 
     s = {**BASE, **settings}
     tok, shards = data_for(int(s["vocab"]), work)

@@ -99,8 +99,7 @@ def check_visible(out: Path) -> tuple[int, list[str]]:
     from safetensors.torch import load_file
 
     from yuyan.errors import UserError
-    from yuyan.model.checkpoint import verify_manifest
-    from yuyan.train import list_checkpoints
+    from yuyan.model.checkpoint import list_checkpoints, verify_manifest
 
     problems, newest = [], -1
     dirs = list_checkpoints(out) + [p for p in (out / "best", out / "final") if p.is_dir()]

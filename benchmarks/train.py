@@ -45,8 +45,9 @@ def time_steps(step, steps: int, warmup: int) -> float:
 
 
 def ours_step(cfg, batches, variant: str):
+    from yuyan.data.tasks import LMTask
     from yuyan.model.transformer import Transformer
-    from yuyan.train.loop import LMTask, _autocast
+    from yuyan.train.loop import autocast_context
     from yuyan.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -60,7 +61,7 @@ def ours_step(cfg, batches, variant: str):
 
     def step():
         x, y = next(it)
-        with _autocast(torch.device("cpu"), mode):
+        with autocast_context(torch.device("cpu"), mode):
             loss = task.loss(run, {"input_ids": x, "labels": y})
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -59,8 +59,9 @@ def tiny_tokenizer():
 
 def run(out_dir: str, overrides: dict, resume: bool = False) -> dict:
     from yuyan.config import apply_overrides
+    from yuyan.data.tasks import LMTask
     from yuyan.model.transformer import ModelConfig, Transformer
-    from yuyan.train import LMTask, TrainConfig, fit
+    from yuyan.train import TrainConfig, fit
 
     base = {
         "train.batch_size": "4",

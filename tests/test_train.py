@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from yuyan.errors import UserError
-from yuyan.train import list_checkpoints
+from yuyan.model.checkpoint import list_checkpoints
 from yuyan.train.optim import lr_at
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -222,8 +222,9 @@ def test_resume_from_corrupt_or_mismatched_checkpoint_is_a_clear_error(tmp_path)
     with pytest.raises(UserError, match="--resume"):
         W.run(str(out), {"train.max_steps": "6"})
     # another model config
+    from yuyan.data.tasks import LMTask
     from yuyan.model.transformer import ModelConfig, Transformer
-    from yuyan.train import LMTask, TrainConfig, fit
+    from yuyan.train import TrainConfig, fit
 
     big = Transformer(
         ModelConfig(vocab_size=W.tiny_tokenizer().vocab_size, block_size=32, n_layer=3, n_head=4, d_model=32)
@@ -385,6 +386,47 @@ def test_demo_cli_end_to_end(run_cli, tmp_path, corpus_file):
     assert "def fibonacci(n):" in samples and "class Stack:" in samples
     bpb = float(p.stdout.split("held-out bits per byte:")[1].split()[0])
     assert 0 < bpb < 10
+
+
+ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}
+
+
+def test_every_model_config_field_is_a_setting(tmp_path):
+    # the [model] section is derived from ModelConfig: every field is a TOML key and a --model.<field> option
+    from dataclasses import fields
+
+    from yuyan.config import parse_overrides
+    from yuyan.model.transformer import ModelConfig
+    from yuyan.train import ModelSection
+    from yuyan.train.config import config_to_toml
+    from yuyan.train.pretrain import build_model, load_train_config
+
+    assert {f.name for f in fields(ModelSection)} == {"preset"} | {f.name for f in fields(ModelConfig)}
+    args = ["--model.preset", "llama-tiny", "--model.qkv_bias", "true", "--model.norm_eps", "1e-6"]
+    cfg = load_train_config(None, parse_overrides([*args, "--model.rope_scaling", json.dumps(ROPE_SCALING)]))
+    with torch.device("meta"):
+        model = build_model(cfg, 300)
+    c = model.config
+    assert c.qkv_bias is True and c.norm_eps == 1e-6 and c.rope_scaling == ROPE_SCALING
+    # the settings reach the modules; the fields not set keep the preset's values (llama-tiny has no biases)
+    attn = model.layers[0].self_attn
+    assert attn.q_proj.bias is not None and attn.o_proj.bias is None and model.norm.eps == 1e-6
+    assert (c.bias, c.n_kv_head, c.pos, c.vocab_size) == (False, 2, "rope", 300)
+    # the same settings from a TOML file, and from the resolved config a run saves beside its checkpoints
+    toml = tmp_path / "model.toml"
+    toml.write_text(
+        '[model]\npreset = "llama-tiny"\nqkv_bias = true\nnorm_eps = 1e-6\n'
+        '[model.rope_scaling]\nrope_type = "llama3"\nfactor = 8.0\noriginal_max_position_embeddings = 64\n'
+    )
+    assert load_train_config(toml) == cfg
+    saved = tmp_path / "train_config.toml"
+    saved.write_text(config_to_toml(cfg))
+    assert load_train_config(saved) == cfg
+    # a table setting takes a JSON object; it has no dotted keys of its own
+    with pytest.raises(UserError, match="cannot read"):
+        load_train_config(None, {"model.rope_scaling": "{factor: 8"})
+    with pytest.raises(UserError, match="is a value, not a section"):
+        load_train_config(None, {"model.rope_scaling.factor": "8"})
 
 
 def test_config_files_load_and_demo_toml_matches_the_demo():

@@ -78,8 +78,8 @@ def finetune_cmd(
 ) -> None:
     from yuyan.config import apply_overrides, from_dict, load_toml, parse_overrides
     from yuyan.model.lora import LoRAConfig
+    from yuyan.train.config import TrainConfig
     from yuyan.train.finetune import TASKS, FinetuneOptions, default_train_config, finetune
-    from yuyan.train.loop import TrainConfig
 
     if task not in TASKS:
         raise UserError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from yuyan.cli import app
-from yuyan.train.loop import TrainConfig
+from yuyan.train.config import TrainConfig
 
 
 def settings_help() -> str:

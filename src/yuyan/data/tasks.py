@@ -1,11 +1,13 @@
-"""Fine-tuning data and tasks: SFT (chat or prompt/completion), classification, the embedded docstring task.
+"""What the training loop trains: next-token prediction over token shards, SFT, classification, docstrings.
 
 Each task implements the training loop's `Task` protocol (`batch`, `loss`, `evaluate`, `state_dict`,
-`load_state_dict`; yuyan.train.loop), so fine-tuning reuses the one loop with its resume, evaluation and
-checkpoints. Readers validate the data and COUNT every problem in a `DataReport` (empty lines, bad JSON,
-over-long examples that were truncated, a messages list with no assistant turn, val labels unseen in
-training); a missing column or a file with no usable example is a `UserError` naming the fix.
+`load_state_dict`; yuyan.train.loop), so pre-training and fine-tuning share the one loop with its resume,
+evaluation and checkpoints. Readers validate the data and COUNT every problem in a `DataReport` (empty
+lines, bad JSON, over-long examples that were truncated, a messages list with no assistant turn, val labels
+unseen in training); a missing column or a file with no usable example is a `UserError` naming the fix.
 
+- LM: next-token prediction over token shards (pre-training, and `finetune --task lm`); perplexity and
+  bits per byte on the val split.
 - SFT: JSONL of {"messages": [...]} (rendered by `Tokenizer.apply_chat_template`) or {"prompt",
   "completion"} (rendered as a user turn and an assistant turn, or as plain concatenation with
   `template="plain"`). Loss only on the assistant/completion tokens: labels are -100 elsewhere, batches are
@@ -40,6 +42,75 @@ from yuyan.model.loss import IGNORE_INDEX
 
 IGNORE = IGNORE_INDEX  # the cross-entropy's skip label
 DOCSTRING_PROMPT = "\n# Summary:"  # the docstring task's prompt ends with this; the completion follows
+
+
+# ---------------------------------------------------------------------------------------------- language model
+
+
+class LMTask:
+    """Next-token prediction over token shards: loss, perplexity and bits per byte on the val split.
+
+    `shards` is anything with `get_batch(split, batch_size, block_size, generator, device) -> (x, y)`,
+    `iter_sequential(split, batch_size, block_size)` yielding (x, y) and `bytes_per_token(split)`
+    (yuyan.data.shards.TokenShards).
+    """
+
+    def __init__(
+        self,
+        shards,
+        block_size: int,
+        eval_batches: int = 20,
+        eval_batch_size: int = 16,
+        eval_seed: int = 1234,
+    ):
+        self.shards, self.block_size = shards, block_size
+        self.eval_batches, self.eval_batch_size, self.eval_seed = eval_batches, eval_batch_size, eval_seed
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x, y = self.shards.get_batch(split, batch_size, self.block_size, generator, "cpu")
+        return {"input_ids": x, "labels": y}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch["input_ids"], targets=batch["labels"])  # fused lm_head + cross-entropy
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        if full:
+            batches = self.shards.iter_sequential("val", self.eval_batch_size, self.block_size)
+        else:  # the same fixed windows every time, so evaluations compare
+            g = torch.Generator().manual_seed(self.eval_seed)
+            batches = (
+                self.shards.get_batch("val", self.eval_batch_size, self.block_size, g, "cpu")
+                for _ in range(self.eval_batches)
+            )
+        nats, count = 0.0, 0
+        for x, y in batches:
+            logits = model(x.to(dev))
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(dev).flatten(), reduction="sum")
+            nats += float(nll)
+            count += y.numel()
+        model.train(was_training)
+        if count == 0:
+            raise UserError(
+                f"the validation split has fewer than {self.block_size + 1} tokens; use a larger corpus "
+                "or a smaller --model.block_size"
+            )
+        loss = nats / count
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "bpb": loss / math.log(2) / self.shards.bytes_per_token("val"),
+            "tokens": float(count),
+        }
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -5,10 +5,14 @@ tokenizer.json, optional generation_config.json, optional trainer_state.pt + sta
 with the sha256 of every other file. A folder is written to a temp sibling and renamed into place, so a kill
 at any moment leaves either the old checkpoint or the new one whole, never a mix. Loading never unpickles
 untrusted bytes: weights come from safetensors, trainer state through torch.load(weights_only=True).
+A training run's folder keeps its resumable checkpoints in checkpoints/step-NNNNNNNN (`step_dir`); the
+functions at the end list them, find the newest (recovering one caught between renames), prune all but the
+last K and sweep away the temp folders a kill left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -295,3 +299,64 @@ def load_trainer_state(path: str | os.PathLike) -> dict | None:
         raise UserError(
             f"{f} cannot be loaded safely ({unpickle_refusal(e)}); it is corrupt or not ours"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir(out_dir: str | os.PathLike, step: int) -> Path:
+    """Where a run in `out_dir` keeps its resumable checkpoint of optimizer step `step`."""
+    return Path(out_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Step checkpoints in `out_dir/checkpoints`, oldest first (temp and trash folders are ignored)."""
+    d = Path(out_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: p.name)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest step checkpoint, or None; one caught between the two renames of a rewrite is recovered."""
+    ckpts = list_checkpoints(out_dir)
+    if not ckpts:
+        # a kill between the two renames of a rewrite leaves only a .step-N.old-* sibling
+        d = Path(out_dir) / "checkpoints"
+        olds = sorted(d.glob(".step-*.old-*")) if d.is_dir() else []
+        for o in olds:
+            with contextlib.suppress(UserError, OSError):
+                resolve_dir(d / o.name.split(".old-")[0].lstrip("."))
+        ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _remove_dir(p: Path) -> None:
+    """Rename first, then delete: a kill never leaves a half-deleted checkpoint under its real name."""
+    trash = p.parent / f".{p.name}.trash-{uuid.uuid4().hex[:8]}"
+    os.replace(p, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (0: keep every one)."""
+    if keep_last > 0:
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            _remove_dir(old)
+
+
+def clean_temp(out_dir: str | os.PathLike) -> None:
+    """Remove the temp and trash folders that a kill in the middle of a write or a prune left behind."""
+    d = Path(out_dir) / "checkpoints"
+    for p in list(d.glob(".step-*.trash-*")) + list(d.glob(".step-*.tmp-*")) if d.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temp sibling and a rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

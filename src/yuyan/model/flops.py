@@ -11,7 +11,7 @@ from yuyan.model.transformer import Transformer
 
 
 def num_params(model: Transformer, exclude_embeddings: bool = False) -> int:
-    """Parameters of `model` (tied weights once); without the token and learned position embeddings if asked."""
+    """Parameters of `model`, tied weights once; `exclude_embeddings` leaves out token and position tables."""
     n = sum(p.numel() for p in model.parameters())  # tied weights are counted once by parameters()
     if exclude_embeddings:
         n -= model.embed_tokens.weight.numel()

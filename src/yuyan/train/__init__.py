@@ -1,7 +1,8 @@
 """Training: one loop (`fit`) for pre-training and fine-tuning, its config, optimizer and distributed helpers.
 
-`fit(model, tokenizer, task, cfg, out_dir)` trains any `Task` (`LMTask` for next-token prediction over
-token shards; fine-tuning tasks implement the same methods). `train(config)` is the pre-training recipe:
+`fit(model, tokenizer, task, cfg, out_dir)` trains any `yuyan.data.tasks.Task` (`LMTask` for next-token
+prediction over token shards; the fine-tuning tasks implement the same methods); `TrainConfig` and its
+sections live in yuyan.train.config. `train(config)` is the pre-training recipe:
 tokenizer → shards → model from a preset → fit. The package itself is callable, so `yuyan.train(config)`
 runs that recipe while `yuyan.train.fit` etc. stay reachable under the same name.
 """
@@ -9,32 +10,24 @@ runs that recipe while `yuyan.train.fit` etc. stay reachable under the same name
 import sys
 import types
 
-from yuyan.train.loop import (
+from yuyan.train.config import (
     CheckpointSection,
     DataSection,
     EvalSection,
-    LMTask,
     ModelSection,
-    Task,
     TrainConfig,
     TrainSection,
-    fit,
-    latest_checkpoint,
-    list_checkpoints,
 )
+from yuyan.train.loop import fit
 
 __all__ = [
     "fit",
-    "Task",
-    "LMTask",
     "TrainConfig",
     "ModelSection",
     "DataSection",
     "TrainSection",
     "EvalSection",
     "CheckpointSection",
-    "latest_checkpoint",
-    "list_checkpoints",
     "train",
     "load_train_config",
 ]

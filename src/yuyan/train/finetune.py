@@ -22,7 +22,8 @@ from torch import nn
 
 from yuyan.errors import UserError
 from yuyan.model.lora import LoRAConfig, apply_lora, count_params, merge_lora, save_adapter
-from yuyan.train.loop import CheckpointSection, EvalSection, TrainConfig, TrainSection, fit
+from yuyan.train.config import CheckpointSection, EvalSection, TrainConfig, TrainSection
+from yuyan.train.loop import fit
 
 TASKS = ("lm", "sft", "classify")
 
@@ -54,7 +55,7 @@ class FinetuneOptions:
 
 def build_task(lm, opts: FinetuneOptions, out: Path, cfg: TrainConfig):
     """The data task for `opts.task`, built from the loaded model's tokenizer and context length."""
-    from yuyan.data.tasks import ClassifyTask, SFTTask
+    from yuyan.data.tasks import ClassifyTask, LMTask, SFTTask
 
     tok, block = lm.tokenizer, lm.model.config.block_size
     if opts.task == "sft":
@@ -65,7 +66,6 @@ def build_task(lm, opts: FinetuneOptions, out: Path, cfg: TrainConfig):
         )
     if opts.task == "lm":
         from yuyan.data.shards import TokenShards, prepare
-        from yuyan.train.loop import LMTask
 
         shards_dir = out / "data"
         prepare(
@@ -204,9 +204,11 @@ def docstring_scores(
 ) -> dict:
     """Greedy completions for docstring prompts, scored against the first docstring lines."""
     from yuyan.evaluate.text_metrics import bleu, rouge
-    from yuyan.generate.engine import GenerationConfig, generate
+    from yuyan.generate import GenerationConfig, SamplingParams, generate
 
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
+    gc = GenerationConfig(
+        max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=0.0), stop=["\n"]
+    )
     preds: list[str] = []
     for i in range(0, len(pairs), batch_size):
         chunk = [p["prompt"] for p in pairs[i : i + batch_size]]

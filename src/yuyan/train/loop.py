@@ -1,18 +1,20 @@
 """One training loop for pre-training and fine-tuning, in one process or many (torchrun DDP/FSDP).
 
-What is trained is described by a *task* (`Task` below): it draws batches, computes the loss and evaluates.
-`LMTask` is next-token prediction over token shards (pre-training); fine-tuning tasks (SFT, classification)
-implement the same four methods. `fit()` owns everything else: AdamW over the trainable parameters,
-warm-up + cosine/WSD schedule (optionally fitted to a wall-clock budget), gradient accumulation and clipping,
-bf16 autocast on CUDA, periodic evaluation, metrics.jsonl, a loss-curve PNG, atomic checkpoints
-(keep-last-K + best), exact resume, SIGINT = save and stop.
+What is trained is described by a *task* (`Task` below): it draws batches, computes the loss and
+evaluates. The tasks live in yuyan.data.tasks: `LMTask` is next-token prediction over token shards
+(pre-training); the fine-tuning tasks (SFT, classification) implement the same methods. `fit()` owns
+everything else: AdamW over the trainable parameters, warm-up + cosine/WSD schedule (optionally fitted to a
+wall-clock budget), gradient accumulation and clipping, bf16 autocast on CUDA, periodic evaluation,
+metrics.jsonl, a loss-curve PNG, atomic checkpoints (keep-last-K + best), exact resume, SIGINT = save and
+stop. `fit()` reads top to bottom; the pieces it calls below it each own one concern (the counters, the
+time budget, the checkpoints, the run's files).
 
 Data order: every rank draws the *global* batch (batch_size x world_size rows) from one torch.Generator with
 the same seed and keeps its own slice, so N processes with batch B see exactly the windows of one process
 with batch N*B, and the generator state in the checkpoint makes a resumed run draw what the uninterrupted
 run would have drawn, at any world size.
 
-Checkpoint folder layout (`out_dir`):
+Checkpoint folder layout (`out_dir`; the step folders are managed by yuyan.model.checkpoint):
   checkpoints/step-00000500/  model + tokenizer + trainer_state.pt + state.json (the last `keep_last` kept)
   best/                       the checkpoint with the lowest periodic val loss (no trainer state)
   final/                      the model at the end of training (no trainer state)
@@ -26,148 +28,47 @@ import copy
 import json
 import math
 import os
-import re
-import shutil
 import signal
+import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from yuyan.errors import UserError
+from yuyan.model.checkpoint import (
+    atomic_write_text,
+    clean_temp,
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    load_trainer_state,
+    prune_checkpoints,
+    save_checkpoint,
+    step_dir,
+    verify_manifest,
+)
 from yuyan.train import distributed as D
+from yuyan.train.config import TrainConfig, TrainSection, config_to_toml
 from yuyan.train.optim import build_optimizer, lr_at, set_lr
 
-# ---------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class ModelSection:
-    """A preset plus optional overrides of any ModelConfig field (None: keep the preset's value)."""
-
-    preset: str = "demo"
-    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
-    block_size: int | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None
-    d_model: int | None = None
-    d_ff: int | None = None
-    head_dim: int | None = None
-    ffn: str | None = None
-    norm: str | None = None
-    pos: str | None = None
-    rope_theta: float | None = None
-    bias: bool | None = None
-    tie_embeddings: bool | None = None
-    dropout: float | None = None
-
-    def overrides(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
-
-
-@dataclass
-class DataSection:
-    corpus: str = "stdlib"  # a file, folder, glob, JSONL or "stdlib" (the embedded corpus)
-    tokenizer: str = ""  # a folder with tokenizer.json; "": <out>/tokenizer, trained if missing
-    vocab_size: int = 4096  # when a tokenizer is trained
-    shards: str = ""  # token shards folder; "": <out>/data, prepared if missing
-
-
-@dataclass
-class TrainSection:
-    batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 50  # optimizer steps of linear warm-up
-    schedule: str = "cosine"  # cosine | wsd
-    decay_frac: float = 0.2  # wsd: fraction of the run spent decaying
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # 0: off
-    max_steps: int = 1000  # with max_time: an upper bound (0: none)
-    max_time: float = 0.0  # seconds of training; >0 fits the schedule's length to this budget
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    compile: bool = False
-    log_every: int = 10
-
-
-@dataclass
-class EvalSection:
-    every: int = 200  # optimizer steps between evaluations (0: only at the end)
-    batches: int = 20  # random val batches per periodic evaluation (a fixed set, the same each time)
-    final_full: bool = True  # the final evaluation covers the whole validation split
-
-
-@dataclass
-class CheckpointSection:
-    dir: str = "runs/train"
-    every_steps: int = 0  # 0: off
-    every_minutes: float = 10.0  # 0: off
-    keep_last: int = 2
-    save_best: bool = True
-
-
-@dataclass
-class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    distributed: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp
-
-    def validate(self) -> None:
-        t = self.train
-        checks = [
-            (t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and train.grad_accum must be positive"),
-            (t.schedule in ("cosine", "wsd"), f"train.schedule must be cosine or wsd, got {t.schedule!r}"),
-            (
-                t.autocast in ("auto", "bf16", "fp16", "off"),
-                f"train.autocast must be auto|bf16|fp16|off, got {t.autocast!r}",
-            ),
-            (t.max_steps > 0 or t.max_time > 0, "set train.max_steps or train.max_time (> 0)"),
-            (len(t.betas) == 2, "train.betas takes two numbers, e.g. 0.9,0.95"),
-            (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),
-            (self.distributed in D.STRATEGIES, f"distributed must be one of {', '.join(D.STRATEGIES)}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(f"bad training config: {msg}")
-
-
-def config_to_toml(cfg: Any) -> str:
-    """A resolved dataclass config as TOML (None values are left out, meaning 'the default')."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return json.dumps(str(v), ensure_ascii=False)
-
-    d = asdict(cfg)
-    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
-    for k, sec in d.items():
-        if isinstance(sec, dict):
-            lines += ["", f"[{k}]"] + [
-                f"{kk} = {val(vv)}" for kk, vv in sec.items() if vv is not None and not isinstance(vv, dict)
-            ]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------- tasks
+Export = Callable[[nn.Module], tuple[nn.Module, dict, dict]]
 
 
 class Task(Protocol):
@@ -185,197 +86,6 @@ class Task(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-class LMTask:
-    """Next-token prediction over token shards: loss, perplexity and bits per byte on the val split.
-
-    `shards` is anything with `get_batch(split, batch_size, block_size, generator, device) -> (x, y)`,
-    `iter_sequential(split, batch_size, block_size)` yielding (x, y) and `bytes_per_token(split)`
-    (yuyan.data.shards.TokenShards).
-    """
-
-    def __init__(
-        self,
-        shards,
-        block_size: int,
-        eval_batches: int = 20,
-        eval_batch_size: int = 16,
-        eval_seed: int = 1234,
-    ):
-        self.shards, self.block_size = shards, block_size
-        self.eval_batches, self.eval_batch_size, self.eval_seed = eval_batches, eval_batch_size, eval_seed
-
-    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x, y = self.shards.get_batch(split, batch_size, self.block_size, generator, "cpu")
-        return {"input_ids": x, "labels": y}
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(batch["input_ids"], targets=batch["labels"])  # fused lm_head + cross-entropy
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        dev = model_device(model)
-        if full:
-            batches = self.shards.iter_sequential("val", self.eval_batch_size, self.block_size)
-        else:  # the same fixed windows every time, so evaluations compare
-            g = torch.Generator().manual_seed(self.eval_seed)
-            batches = (
-                self.shards.get_batch("val", self.eval_batch_size, self.block_size, g, "cpu")
-                for _ in range(self.eval_batches)
-            )
-        nats, count = 0.0, 0
-        for x, y in batches:
-            logits = model(x.to(dev))
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(dev).flatten(), reduction="sum")
-            nats += float(nll)
-            count += y.numel()
-        model.train(was_training)
-        if count == 0:
-            raise UserError(
-                f"the validation split has fewer than {self.block_size + 1} tokens; use a larger corpus "
-                "or a smaller --model.block_size"
-            )
-        loss = nats / count
-        return {
-            "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)),
-            "bpb": loss / math.log(2) / self.shards.bytes_per_token("val"),
-            "tokens": float(count),
-        }
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-Export = Callable[[nn.Module], tuple[nn.Module, dict, dict]]
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Step checkpoints in `out_dir/checkpoints`, oldest first (temp and trash folders are ignored)."""
-    d = Path(out_dir) / "checkpoints"
-    if not d.is_dir():
-        return []
-    return sorted((p for p in d.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: p.name)
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    from yuyan.model.checkpoint import resolve_dir
-
-    ckpts = list_checkpoints(out_dir)
-    if not ckpts:
-        # a kill between the two renames of a rewrite leaves only a .step-N.old-* sibling
-        d = Path(out_dir) / "checkpoints"
-        olds = sorted(d.glob(".step-*.old-*")) if d.is_dir() else []
-        for o in olds:
-            with contextlib.suppress(UserError, OSError):
-                resolve_dir(d / o.name.split(".old-")[0].lstrip("."))
-        ckpts = list_checkpoints(out_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def _remove_dir(p: Path) -> None:
-    """Rename first, then delete: a kill never leaves a half-deleted checkpoint under its real name."""
-    trash = p.parent / f".{p.name}.trash-{uuid.uuid4().hex[:8]}"
-    os.replace(p, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _clean_temp(out_dir: Path) -> None:
-    d = out_dir / "checkpoints"
-    for p in list(d.glob(".step-*.trash-*")) + list(d.glob(".step-*.tmp-*")) if d.is_dir() else []:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _rng_state(data_gen: torch.Generator) -> dict:
-    st = {"data": data_gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict, data_gen: torch.Generator) -> None:
-    data_gen.set_state(st["data"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _check_state_fits(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        raise UserError(
-            f"the checkpoint {source} does not fit this model (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, shape mismatch {sorted(shapes)[:3]}): it was saved for another config; "
-            "use a new --checkpoint.dir or drop --resume"
-        )
-
-
-# ---------------------------------------------------------------------------------------------- fit
-
-
-class _Interrupt:
-    """SIGINT sets a flag; the loop saves a checkpoint at the next step boundary and stops."""
-
-    def __init__(self):
-        self.flag, self.prev = False, None
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self.prev = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.flag:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGINT, self.prev)
-
-
-def _autocast(device: torch.device, mode: str):
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "off"
-    if mode == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
-
-
-def _read_metrics(path: Path, upto_step: int | None) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            r = json.loads(line)
-            if upto_step is None or r.get("step", 0) <= upto_step:
-                rows.append(r)
-    return rows
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def fit(
@@ -397,231 +107,479 @@ def fit(
     Returns {"step", "tokens", "elapsed", "final": {val metrics}, "best_val_loss", "out_dir", "checkpoint",
     "final_dir", "metrics", "plot", "interrupted"}.
     """
-    from yuyan.model.checkpoint import load_trainer_state, save_checkpoint, verify_manifest
-
     cfg.validate()
     tc, ec, cc = cfg.train, cfg.eval, cfg.checkpoint
     out = Path(out_dir or cc.dir)
     info = D.init(cfg.distributed, tc.device)
-    main = info.is_main
+    console = Console(stderr=True, quiet=not info.is_main)  # rank 0 speaks for the run
+
+    # ---- resume: weights into the plain model before any wrapping, then optimizer, data order and counters
+    tstate = _load_for_resume(out, resume, model, export, info.is_main, console)
+    parts = _prepare_model(model, tc, info)
+    data_gen = torch.Generator().manual_seed(tc.seed)
+    _restore_training_state(tstate, parts, data_gen, task, info)
+    files = _RunFiles(out, info.is_main, config_to_toml(cfg), tstate)
+    state = _TrainState.start(tc, tstate)  # the run's clock starts here
+    saver = _Checkpointer(out, cfg, parts, tokenizer, task, data_gen, info, export, meta)
+    budget = _TimeBudget(tc, state.step, info)
+    running = _RunningLoss(info.device, state)
+    progress, bar = _progress_bar(console, None if budget.seconds > 0 else state.total_steps, state.step)
+
+    # ---- the loop: one optimizer step, then logging, evaluation, the stop checks and periodic checkpoints
+    interrupted, last_val = False, None
+    with _Interrupt() as stop, progress:
+        while state.step < state.total_steps:
+            if budget.before_step(state):  # the schedule's length was refitted to the time budget
+                progress.update(bar, total=state.total_steps)
+            lr = lr_at(state.step, state.total_steps, tc.lr, tc.min_lr, tc.warmup, tc.schedule, tc.decay_frac)
+            step_tokens = _train_step(parts, task, data_gen, tc, info, lr, running.loss_sum)
+            state.advance(step_tokens)
+
+            if state.step % tc.log_every == 0 or state.step == state.total_steps:
+                row = running.row(state, lr, info)
+                files.log(row)
+                progress.update(bar, info=f"loss {row['loss']:.3f} lr {lr:.2e} {row['tok_per_s']:,.0f} tok/s")
+            progress.update(bar, completed=state.step)
+
+            if ec.every > 0 and state.step % ec.every == 0 and state.step < state.total_steps:
+                last_val = _evaluate(task, parts.raw, state, files)
+                console.print(
+                    f"step {state.step}: val loss {last_val['loss']:.4f}"
+                    + (f", {last_val['bpb']:.3f} bits/byte" if "bpb" in last_val else "")
+                )
+                saver.keep_if_best(state, last_val)
+
+            if stop.requested(info):
+                interrupted = True
+                break
+            if budget.out_of_time(state):  # the run is complete at this step (state.total_steps = state.step)
+                break
+            if saver.due(state):
+                saver.save("step", state)
+
+    # ---- the end: the last step is always resumable; then, unless interrupted, the final evaluation
+    train_elapsed = state.elapsed()
+    saver.save_last_step(state)
+    final, final_dir = last_val or {}, None
+    if interrupted:
+        console.print(f"interrupted: saved {step_dir(out, state.step)}; continue with --resume")
+    else:
+        final = _evaluate(task, parts.raw, state, files, full=ec.final_full, final_elapsed=train_elapsed)
+        final_dir = saver.save("final", state, final)
+        console.print(
+            f"done: step {state.step}, {state.tokens:,} tokens in {train_elapsed:.1f}s; "
+            f"val loss {final['loss']:.4f}"
+            + (f", {final['bpb']:.4f} bits/byte, perplexity {final['ppl']:.2f}" if "bpb" in final else "")
+        )
+    D.shutdown(info)
+    return _summary(state, train_elapsed, out, files, final, final_dir, interrupted)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _TrainState:
+    """The run's counters: written into every step checkpoint and restored on resume."""
+
+    step: int = 0
+    tokens: int = 0
+    total_steps: int = 0  # the schedule's length; refitted to train.max_time when there is one
+    elapsed_before: float = 0.0  # training seconds of the runs this one resumes
+    best_val: float = math.inf
+    started: float = 0.0  # time.perf_counter() when this process started training
+    tokens_per_step: int = 0  # measured on this process's first step (tasks decide their sequence length)
+    saved_step: int = -1  # the step of the newest step checkpoint (-1: none yet)
+
+    @classmethod
+    def start(cls, tc: TrainSection, tstate: dict | None) -> _TrainState:
+        """Fresh counters, or a resumed run's (from its trainer state); the clock starts now."""
+        state = cls(total_steps=tc.max_steps if tc.max_steps > 0 else 10**9, started=time.perf_counter())
+        if tstate is not None:
+            state.step, state.tokens = int(tstate["step"]), int(tstate["tokens"])
+            state.total_steps, state.elapsed_before = int(tstate["total_steps"]), float(tstate["elapsed"])
+            state.best_val, state.saved_step = float(tstate["best_val"]), state.step
+            if tc.max_steps > 0 and tc.max_time <= 0:  # a fixed-length run may be resumed with a new length
+                state.total_steps = tc.max_steps
+        if tc.max_time > 0 and state.elapsed_before >= tc.max_time:
+            state.total_steps = state.step  # a resumed run whose time budget is spent: evaluate and save only
+        return state
+
+    def advance(self, step_tokens: int) -> None:
+        """Count one optimizer step; every step counts the tokens of the first one."""
+        self.tokens_per_step = self.tokens_per_step or step_tokens
+        self.step += 1
+        self.tokens += self.tokens_per_step
+
+    def elapsed(self) -> float:
+        """Training seconds so far, the resumed runs' included."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def counters(self, world_size: int) -> dict:
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed(),
+            "world_size": world_size,
+        }
+
+
+@dataclass
+class _TrainedModel:
+    """The model as it trains: the plain module, its wrapped forms and the optimizer over its parameters."""
+
+    raw: nn.Module  # the plain module: parameters, eval and saving go through it (FSDP shards it in place)
+    wrapped: nn.Module  # DDP / FSDP around `raw` (or `raw` itself in one process)
+    train_model: nn.Module  # `wrapped`, compiled when train.compile is set: what forward/backward run through
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]  # the trainable ones, for clipping
+    save_copy: nn.Module | None  # FSDP on rank 0: a whole copy that the gathered weights are loaded into
+
+
+def _prepare_model(model: nn.Module, tc: TrainSection, info: D.DistInfo) -> _TrainedModel:
+    """Move `model` to this rank's device, wrap it for DDP/FSDP, compile it if asked, build AdamW."""
     dev = info.device
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    # ---- resume: weights into the plain model before any wrapping
-    ckpt = latest_checkpoint(out) if resume else None
-    if not resume and list_checkpoints(out):
-        raise UserError(
-            f"{out} already holds checkpoints; pass --resume to continue that run or choose another "
-            "--checkpoint.dir"
-        )
-    tstate: dict | None = None
-    if ckpt is not None:
-        verify_manifest(ckpt)
-        tstate = load_trainer_state(ckpt)
-        if tstate is None:
-            raise UserError(
-                f"{ckpt} has no trainer_state.pt, so it cannot be resumed; delete it or start a new run"
-            )
-        if export is None:
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            from yuyan.model.checkpoint import load_state
-
-            try:
-                sd = load_file(str(ckpt / "model.safetensors"))
-            except (SafetensorError, OSError) as e:
-                raise UserError(
-                    f"{ckpt}/model.safetensors is corrupt ({e}); delete {ckpt} to resume from an earlier one"
-                ) from None
-            saved_cfg = json.loads((ckpt / "config.json").read_text())
-            now = model.config.to_dict()
-            diff = sorted(k for k in now if k in saved_cfg and saved_cfg[k] != now[k])
-            if diff:
-                raise UserError(
-                    f"{ckpt} was trained with another model config ({', '.join(f'{k}: {saved_cfg[k]} vs {now[k]}' for k in diff[:3])}); "
-                    "use a new --checkpoint.dir or the same settings"
-                )
-            load_state(model, sd, str(ckpt))
-        else:
-            if "model" not in tstate:
-                raise UserError(f"{ckpt} holds no training-model state; it was not written by this task")
-            _check_state_fits(model, tstate["model"], str(ckpt))
-            model.load_state_dict(tstate["model"])
-        if main:
-            _clean_temp(out)
-
     model.to(dev)
     model.train()
-    save_copy = copy.deepcopy(model).cpu() if info.strategy == "fsdp" and main else None
+    save_copy = copy.deepcopy(model).cpu() if info.strategy == "fsdp" and info.is_main else None
     wrapped = D.wrap(model, info)
-    raw = model  # the plain module: named parameters, eval and saving go through it (FSDP shards it in place)
-    optimizer = build_optimizer(raw, tc.lr, tc.weight_decay, tuple(tc.betas), dev.type)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tuple(tc.betas), dev.type)
     train_model = torch.compile(wrapped) if tc.compile else wrapped
-    params = [p for p in raw.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _TrainedModel(model, wrapped, train_model, optimizer, params, save_copy)
 
-    data_gen = torch.Generator().manual_seed(tc.seed)
-    total_steps = tc.max_steps if tc.max_steps > 0 else 10**9
-    step, tokens, elapsed_before, best_val = 0, 0, 0.0, float("inf")
-    if tstate is not None:
-        D.load_optim_state(raw, optimizer, tstate["optimizer"], info)
-        _set_rng_state(tstate["rng"], data_gen)
-        task.load_state_dict(tstate.get("task", {}))
-        step, tokens = int(tstate["step"]), int(tstate["tokens"])
-        total_steps, elapsed_before = int(tstate["total_steps"]), float(tstate["elapsed"])
-        best_val = float(tstate["best_val"])
-        if tc.max_steps > 0 and tc.max_time <= 0:
-            total_steps = tc.max_steps
 
-    micro, world, accum = tc.batch_size, info.world_size, tc.grad_accum
-    tokens_per_step = None  # measured from the first batch (tasks decide their sequence length)
-    metrics_path, plot_path = out / "metrics.jsonl", out / "loss_curve.png"
-    history = _read_metrics(metrics_path, step if tstate is not None else -1) if main else []
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-        _write_text_atomic(out / "train_config.toml", config_to_toml(cfg))
-    run_meta = {**(meta or {}), "train_config": asdict(cfg)}
+def _train_step(
+    parts: _TrainedModel,
+    task: Task,
+    data_gen: torch.Generator,
+    tc: TrainSection,
+    info: D.DistInfo,
+    lr: float,
+    loss_sum: torch.Tensor,
+) -> int:
+    """One optimizer step at learning rate `lr` over `grad_accum` micro-batches, each this rank's slice of
+    the global batch.
 
-    def log(row: dict) -> None:
+    Adds each micro-batch's loss (divided by grad_accum) into `loss_sum` in place, and returns the tokens
+    the step trained on across all ranks, as the shape of its first micro-batch says.
+    """
+    micro, world, accum, dev = tc.batch_size, info.world_size, tc.grad_accum, info.device
+    set_lr(parts.optimizer, lr)
+    tokens = 0
+    for i in range(accum):
+        b = task.batch("train", micro * world, data_gen)
+        if world > 1:
+            b = {k: v[info.rank * micro : (info.rank + 1) * micro] for k, v in b.items()}
+        b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+        if i == 0:
+            tokens = b.get("input_ids", next(iter(b.values()))).numel() * world * accum
+        with D.set_grad_sync(parts.wrapped, info, i == accum - 1), autocast_context(dev, tc.autocast):
+            loss = task.loss(parts.train_model, b) / accum
+        loss.backward()
+        loss_sum += loss.detach()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parts.params, tc.grad_clip)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return tokens
+
+
+def autocast_context(device: torch.device, mode: str):
+    """train.autocast as a context manager: auto is bf16 on CUDA and off on CPU."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "off"
+    if mode == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+class _RunningLoss:
+    """The train loss summed over the steps since the last log row, and the token rate between rows."""
+
+    def __init__(self, device: torch.device, state: _TrainState):
+        self.loss_sum = torch.zeros((), device=device)  # on the device: no sync per step
+        self.last_step, self.last_tokens, self.last_t = state.step, state.tokens, time.perf_counter()
+
+    def row(self, state: _TrainState, lr: float, info: D.DistInfo) -> dict:
+        """The metrics row of the steps since the last one (mean loss over all ranks); starts a new window."""
+        loss = float(D.all_reduce_mean(self.loss_sum, info)) / (state.step - self.last_step)
+        now = time.perf_counter()
+        tps = (state.tokens - self.last_tokens) / max(now - self.last_t, 1e-9)
+        self.last_step, self.last_tokens, self.last_t = state.step, state.tokens, now
+        self.loss_sum.zero_()
+        return {
+            "step": state.step,
+            "split": "train",
+            "loss": loss,
+            "lr": lr,
+            "tokens": state.tokens,
+            "tok_per_s": tps,
+            "elapsed": state.elapsed(),
+        }
+
+
+class _TimeBudget:
+    """Fits the schedule's length (total_steps) to train.max_time from the measured step rate.
+
+    total_steps = steps done + time left / recent seconds per step (evaluations and saves included). The
+    rate comes from the last quarter of the run so far (at least 2 s), so it follows a machine whose speed
+    drifts; refits come more often near the end, where an error matters most. One process also stops on the
+    clock (`out_of_time`), which sees the sudden slowdowns that the step-count fit cannot.
+    """
+
+    def __init__(self, tc: TrainSection, start_step: int, info: D.DistInfo):
+        self.seconds, self.max_steps, self.info = tc.max_time, tc.max_steps, info
+        self.start_step = start_step
+        self.measure_at = start_step + 3  # steps before this one warm caches (and compile)
+        self.refit_at = self.measure_at if self.seconds > 0 else None
+        self.marks: list[tuple[int, float]] = []  # (step, elapsed) at each refit
+        self.last_step_t = 0.0  # elapsed() at the end of the previous step, for the clock stop
+
+    def before_step(self, state: _TrainState) -> bool:
+        """Refit state.total_steps when due (True then) and start the step clock once caches are warm."""
+        refitted = self.refit_at is not None and state.step >= self.refit_at
+        if refitted:
+            state.total_steps = self._refit(state)
+        if state.step == self.measure_at:
+            self.last_step_t = state.elapsed()
+        return refitted
+
+    def _refit(self, state: _TrainState) -> int:
+        """The new total_steps (the same on every rank), and when to refit next."""
+        step, total_steps = state.step, state.total_steps
+        now = (step, state.elapsed())
+        marks = self.marks
+        window = max(2.0, 0.25 * (now[1] - marks[0][1])) if marks else 0.0
+        recent = [m for m in marks if m[0] < now[0] and m[1] >= now[1] - window]
+        base = recent[0] if recent else (marks[-1] if marks and marks[-1][0] < now[0] else None)
+        marks.append(now)
+        if base is None:
+            self.refit_at = step + 5  # first window: measure 5 steps
+        else:
+            rate = (now[1] - base[1]) / (now[0] - base[0])  # seconds per step
+            fitted = step + max(int((self.seconds - now[1]) / rate), 1)
+            if self.max_steps > 0:
+                fitted = min(fitted, self.max_steps)
+            total_steps = max(fitted, step + 1)
+            left = total_steps - step
+            self.refit_at = step + max(1, min((total_steps - self.start_step) // 20, left // 4))
+        total_steps, self.refit_at = D.broadcast_object((total_steps, self.refit_at), self.info)
+        return total_steps
+
+    def out_of_time(self, state: _TrainState) -> bool:
+        """One process: stop when the next step would end further past the budget than stopping now leaves
+        before it. (Ranks' clocks differ, so a distributed run relies on the step-count fit alone.) The run
+        is then complete at this step: state.total_steps = state.step, so a resume trains no further."""
+        if self.seconds <= 0 or self.info.world_size > 1 or state.step <= self.measure_at:
+            return False
+        now_t = state.elapsed()
+        step_t = now_t - self.last_step_t
+        self.last_step_t = now_t
+        if now_t + 0.5 * step_t <= self.seconds:
+            return False
+        state.total_steps = state.step
+        return True
+
+
+class _Checkpointer:
+    """Writes the run's checkpoints: step (resumable, the last `keep_last` kept), best and final.
+
+    Saving is collective under FSDP (the weights and optimizer state are gathered); rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        cfg: TrainConfig,
+        parts: _TrainedModel,
+        tokenizer,
+        task: Task,
+        data_gen: torch.Generator,
+        info: D.DistInfo,
+        export: Export | None,
+        meta: dict | None,
+    ):
+        self.out, self.parts, self.tokenizer, self.task, self.data_gen = out, parts, tokenizer, task, data_gen
+        self.cc, self.info, self.export = cfg.checkpoint, info, export
+        self.meta = {**(meta or {}), "train_config": asdict(cfg)}  # recorded in every checkpoint
+        self.last_t = time.perf_counter()
+
+    def due(self, state: _TrainState) -> bool:
+        """A periodic step checkpoint is due (never at the last step: the end of the run saves one)."""
+        cc = self.cc
+        due = (cc.every_steps > 0 and state.step % cc.every_steps == 0) or (
+            cc.every_minutes > 0 and time.perf_counter() - self.last_t > cc.every_minutes * 60
+        )
+        if self.info.world_size > 1 and cc.every_minutes > 0:  # clocks differ between ranks: rank 0 decides
+            due = bool(D.broadcast_object(due, self.info))
+        return due and state.step < state.total_steps
+
+    def keep_if_best(self, state: _TrainState, val: dict) -> None:
+        """With checkpoint.save_best, a val loss below the best so far becomes the best and is saved."""
+        if self.cc.save_best and val["loss"] < state.best_val:
+            state.best_val = val["loss"]
+            self.save("best", state, val)
+
+    def save_last_step(self, state: _TrainState) -> None:
+        """A step checkpoint of where the run stopped, unless the loop has just written it."""
+        if state.saved_step != state.step:
+            self.save("step", state)
+
+    def save(self, kind: str, state: _TrainState, val: dict | None = None) -> Path | None:
+        """kind: step (with trainer state) | best | final. Returns the folder written (None off rank 0)."""
+        parts, info = self.parts, self.info
+        fsdp = info.strategy == "fsdp"
+        sd_full = D.full_model_state(parts.wrapped, info) if fsdp else None
+        optim_sd = None
+        if kind == "step":
+            optim_sd = D.full_optim_state(parts.wrapped if fsdp else parts.raw, parts.optimizer, info)
+        path = None
+        if info.is_main:
+            path = step_dir(self.out, state.step) if kind == "step" else self.out / kind
+            self._write(path, state, val, sd_full, optim_sd)
+            if kind == "step":
+                prune_checkpoints(self.out, self.cc.keep_last)
+        D.barrier(info)
+        if kind == "step":
+            state.saved_step, self.last_t = state.step, time.perf_counter()
+        return path
+
+    def _write(
+        self, path: Path, state: _TrainState, val, sd_full: dict | None, optim_sd: dict | None
+    ) -> None:
+        m = self.parts.raw
+        if sd_full is not None:  # FSDP: the gathered weights go into the whole copy
+            self.parts.save_copy.load_state_dict(sd_full)
+            m = self.parts.save_copy
+        m, extra, emeta = self.export(m) if self.export is not None else (m, {}, {})
+        counters = state.counters(self.info.world_size)
+        info_state = {**counters, "best_val_loss": state.best_val, "val": val or {}}
+        trainer_state = None
+        if optim_sd is not None:
+            trainer_state = {
+                "optimizer": optim_sd,
+                "rng": _rng_state(self.data_gen),
+                "task": self.task.state_dict(),
+                **counters,
+                "best_val": state.best_val,
+            }
+            if self.export is not None:  # the training module differs from what the checkpoint holds
+                raw_sd = {k: v.detach().cpu() for k, v in self.parts.raw.state_dict().items()}
+                trainer_state["model"] = sd_full if sd_full is not None else raw_sd
+        save_checkpoint(
+            path,
+            m,
+            self.tokenizer,
+            meta={**self.meta, **emeta, "step": state.step, "val": val or {}},
+            extra_tensors=extra,
+            trainer_state=trainer_state,
+            state=info_state,
+        )
+
+
+class _RunFiles:
+    """What a run writes beside its checkpoints: train_config.toml, metrics.jsonl (one JSON row per line,
+    appended as the run goes) and the loss curve drawn from it.
+
+    Only rank 0 writes. A resumed run first drops the rows past its checkpoint, so steps never repeat.
+    """
+
+    def __init__(self, out: Path, main: bool, config_toml: str, tstate: dict | None):
+        self.path, self.plot_path, self.main = out / "metrics.jsonl", out / "loss_curve.png", main
+        upto_step = int(tstate["step"]) if tstate is not None else -1  # a fresh run starts empty
+        self.rows = _read_metrics(self.path, upto_step) if main else []
         if main:
-            history.append(row)
-            with open(metrics_path, "a", encoding="utf-8") as f:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            atomic_write_text(out / "train_config.toml", config_toml)
+
+    def log(self, row: dict) -> None:
+        if self.main:
+            self.rows.append(row)
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def plot() -> Path | None:
-        if not main:
+    def plot(self) -> Path | None:
+        if not self.main:
             return None
         from yuyan.plots import plot_loss_curve
 
-        tr = [r for r in history if r.get("split") == "train"]
-        va = [r for r in history if r.get("split") == "val"]
+        tr = [r for r in self.rows if r.get("split") == "train"]
+        va = [r for r in self.rows if r.get("split") == "val"]
         return plot_loss_curve(
             [r["step"] for r in tr],
             [r["loss"] for r in tr],
             [r["step"] for r in va],
             [r["loss"] for r in va],
-            plot_path,
+            self.plot_path,
         )
 
-    def export_model(sd_full: dict | None) -> tuple[nn.Module, dict, dict]:
-        m = raw
-        if info.strategy == "fsdp":
-            save_copy.load_state_dict(sd_full)
-            m = save_copy
-        if export is None:
-            return m, {}, {}
-        return export(m)
 
-    def save(kind: str, val: dict | None = None) -> Path | None:
-        """kind: step (with trainer state) | best | final. Collective under FSDP; rank 0 writes."""
-        sd_full = D.full_model_state(wrapped, info) if info.strategy == "fsdp" else None
-        optim_sd = (
-            D.full_optim_state(wrapped if info.strategy == "fsdp" else raw, optimizer, info)
-            if kind == "step"
-            else None
-        )
-        path = None
-        if main:
-            m, extra, emeta = export_model(sd_full)
-            info_state = {
-                "step": step,
-                "total_steps": total_steps,
-                "tokens": tokens,
-                "elapsed": elapsed(),
-                "best_val_loss": best_val,
-                "val": val or {},
-                "world_size": world,
-            }
-            trainer_state = None
-            if kind == "step":
-                trainer_state = {
-                    "optimizer": optim_sd,
-                    "rng": _rng_state(data_gen),
-                    "task": task.state_dict(),
-                    "step": step,
-                    "total_steps": total_steps,
-                    "tokens": tokens,
-                    "elapsed": elapsed(),
-                    "best_val": best_val,
-                    "world_size": world,
-                }
-                if export is not None:
-                    trainer_state["model"] = (
-                        sd_full
-                        if sd_full is not None
-                        else {k: v.detach().cpu() for k, v in raw.state_dict().items()}
-                    )
-            path = out / ("checkpoints" / Path(f"step-{step:08d}") if kind == "step" else kind)
-            save_checkpoint(
-                path,
-                m,
-                tokenizer,
-                meta={**run_meta, **emeta, "step": step, "val": val or {}},
-                extra_tensors=extra,
-                trainer_state=trainer_state,
-                state=info_state,
-            )
-            if kind == "step" and cc.keep_last > 0:
-                for old in list_checkpoints(out)[: -cc.keep_last]:
-                    _remove_dir(old)
-        D.barrier(info)
-        return path
+def _evaluate(
+    task: Task,
+    model: nn.Module,
+    state: _TrainState,
+    files: _RunFiles,
+    full: bool = False,
+    final_elapsed: float | None = None,
+) -> dict:
+    """Evaluate, log the val row and redraw the loss curve. The final evaluation's row is marked as such and
+    carries the training time (`final_elapsed`, the evaluation excluded)."""
+    val = task.evaluate(model, full=full)
+    if final_elapsed is None:
+        row = {"step": state.step, "split": "val", **val, "elapsed": state.elapsed()}
+    else:
+        row = {"step": state.step, "split": "val", **val, "final": True, "elapsed": final_elapsed}
+    files.log(row)
+    files.plot()
+    return val
 
-    # ---- time budget: fit total_steps to max_time from the measured step rate
-    budget = tc.max_time
-    t0 = time.perf_counter()
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
+def _read_metrics(path: Path, upto_step: int | None) -> list[dict]:
+    """The rows of a metrics.jsonl up to `upto_step` (None: all); unreadable lines are skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            r = json.loads(line)
+            if upto_step is None or r.get("step", 0) <= upto_step:
+                rows.append(r)
+    return rows
 
-    start_step = step
-    measure_at = start_step + 3  # steps before this one warm caches (and compile)
-    last_step_t = 0.0  # elapsed() at the end of the previous step, for the clock stop
-    refit_at = measure_at if budget > 0 else None
-    marks: list[tuple[int, float]] = []  # (step, elapsed) at each refit
 
-    def refit() -> None:
-        """total_steps = steps done + time left / recent seconds per step (evals and saves included).
+def _summary(
+    state: _TrainState,
+    elapsed: float,
+    out: Path,
+    files: _RunFiles,
+    final: dict,
+    final_dir: Path | None,
+    interrupted: bool,
+) -> dict:
+    """What `fit` returns."""
+    return {
+        "step": state.step,
+        "tokens": state.tokens,
+        "elapsed": elapsed,
+        "final": final,
+        "best_val_loss": state.best_val,
+        "out_dir": str(out),
+        "checkpoint": str(step_dir(out, state.step)),
+        "final_dir": str(final_dir) if final_dir else None,
+        "metrics": str(files.path),
+        "plot": str(files.plot_path) if files.plot_path.exists() else None,
+        "interrupted": interrupted,
+    }
 
-        The rate comes from the last quarter of the run so far (at least 2 s), so it follows a machine whose
-        speed drifts; refits come more often near the end, where an error matters most.
-        """
-        nonlocal total_steps, refit_at
-        now = (step, elapsed())
-        recent = (
-            [m for m in marks if m[0] < now[0] and m[1] >= now[1] - max(2.0, 0.25 * (now[1] - marks[0][1]))]
-            if marks
-            else []
-        )
-        base = recent[0] if recent else (marks[-1] if marks and marks[-1][0] < now[0] else None)
-        marks.append(now)
-        if base is None:
-            refit_at = step + 5  # first window: measure 5 steps
-        else:
-            rate = (now[1] - base[1]) / (now[0] - base[0])  # seconds per step
-            fitted = step + max(int((budget - now[1]) / rate), 1)
-            if tc.max_steps > 0:
-                fitted = min(fitted, tc.max_steps)
-            total_steps = max(fitted, step + 1)
-            left = total_steps - step
-            refit_at = step + max(1, min((total_steps - start_step) // 20, left // 4))
-        total_steps, refit_at = D.broadcast_object((total_steps, refit_at), info)
 
-    # ---- the loop
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
+def _progress_bar(console: Console, total: int | None, completed: int) -> tuple[Progress, TaskID]:
+    """The training progress bar (steps, loss, rate, ETA) and its task; `total` None: not known yet."""
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -631,149 +589,128 @@ def fit(
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-        disable=not main,
+        disable=console.quiet,
         transient=False,
     )
-    ptask = progress.add_task("train", total=total_steps if budget <= 0 else None, completed=step, info="")
-    loss_sum, loss_n = torch.zeros((), device=dev), 0
-    last_log_t, last_log_tokens = time.perf_counter(), tokens
-    last_ckpt_t = time.perf_counter()
-    interrupted, last_val = False, None
-    saved_step = step if tstate is not None else -1  # the step of the newest step checkpoint
-    if main and ckpt is not None:
-        console.print(f"resumed from {ckpt} at step {step}")
+    return progress, progress.add_task("train", total=total, completed=completed, info="")
 
-    if budget > 0 and elapsed_before >= budget:
-        total_steps = step  # a resumed run whose time budget is already spent: evaluate and save only
-    with _Interrupt() as stop, progress:
-        while step < total_steps:
-            if refit_at is not None and step >= refit_at:
-                refit()
-                progress.update(ptask, total=total_steps)
-            if step == measure_at:
-                last_step_t = elapsed()
-            lr = lr_at(step, total_steps, tc.lr, tc.min_lr, tc.warmup, tc.schedule, tc.decay_frac)
-            set_lr(optimizer, lr)
-            for i in range(accum):
-                b = task.batch("train", micro * world, data_gen)
-                if world > 1:
-                    b = {k: v[info.rank * micro : (info.rank + 1) * micro] for k, v in b.items()}
-                b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
-                if tokens_per_step is None:
-                    x = b.get("input_ids", next(iter(b.values())))
-                    tokens_per_step = x.numel() * world * accum
-                with D.set_grad_sync(wrapped, info, i == accum - 1), _autocast(dev, tc.autocast):
-                    loss = task.loss(train_model, b) / accum
-                loss.backward()
-                loss_sum += loss.detach()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += tokens_per_step
-            loss_n += 1
 
-            if step % tc.log_every == 0 or step == total_steps:
-                train_loss = float(D.all_reduce_mean(loss_sum, info)) / loss_n
-                now = time.perf_counter()
-                tps = (tokens - last_log_tokens) / max(now - last_log_t, 1e-9)
-                last_log_t, last_log_tokens = now, tokens
-                loss_sum.zero_()
-                loss_n = 0
-                log(
-                    {
-                        "step": step,
-                        "split": "train",
-                        "loss": train_loss,
-                        "lr": lr,
-                        "tokens": tokens,
-                        "tok_per_s": tps,
-                        "elapsed": elapsed(),
-                    }
-                )
-                progress.update(ptask, info=f"loss {train_loss:.3f} lr {lr:.2e} {tps:,.0f} tok/s")
-            progress.update(ptask, completed=step)
+class _Interrupt:
+    """SIGINT sets a flag; the loop saves a checkpoint at the next step boundary and stops."""
 
-            if ec.every > 0 and step % ec.every == 0 and step < total_steps:
-                last_val = task.evaluate(raw, full=False)
-                log({"step": step, "split": "val", **last_val, "elapsed": elapsed()})
-                if main:
-                    progress.console.print(
-                        f"step {step}: val loss {last_val['loss']:.4f}"
-                        + (f", {last_val['bpb']:.3f} bits/byte" if "bpb" in last_val else "")
-                    )
-                plot()
-                if cc.save_best and last_val["loss"] < best_val:
-                    best_val = last_val["loss"]
-                    save("best", last_val)
+    def __init__(self):
+        self.flag, self.prev = False, None
 
-            flag = torch.tensor(float(stop.flag))
-            if info.world_size > 1:
-                flag = D.all_reduce_mean(flag, info)
-            if float(flag) > 0:
-                interrupted = True
-                break
-            if budget > 0 and info.world_size == 1 and step > measure_at:
-                # one process: also stop on the clock, when the next step would end further past the
-                # budget than stopping now leaves before it (the step-count fit cannot see sudden slowdowns)
-                now_t = elapsed()
-                step_t = now_t - last_step_t
-                last_step_t = now_t
-                if now_t + 0.5 * step_t > budget:
-                    total_steps = step  # the run is complete: a resume must not train past the budget
-                    break
-            due = (cc.every_steps > 0 and step % cc.every_steps == 0) or (
-                cc.every_minutes > 0 and time.perf_counter() - last_ckpt_t > cc.every_minutes * 60
-            )
-            if info.world_size > 1 and cc.every_minutes > 0:  # clocks differ between ranks: rank 0 decides
-                due = bool(D.broadcast_object(due, info))
-            if due and step < total_steps:
-                save("step")
-                saved_step, last_ckpt_t = step, time.perf_counter()
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.prev = signal.signal(signal.SIGINT, self._handle)
+        return self
 
-    train_elapsed = elapsed()
-    ckpt_path = out / "checkpoints" / f"step-{step:08d}"
-    if saved_step != step:
-        save("step")
-    if interrupted:
-        if main:
-            console.print(f"interrupted: saved {ckpt_path}; continue with --resume")
-        D.shutdown(info)
-        return {
-            "step": step,
-            "tokens": tokens,
-            "elapsed": train_elapsed,
-            "final": last_val or {},
-            "best_val_loss": best_val,
-            "out_dir": str(out),
-            "checkpoint": str(ckpt_path),
-            "final_dir": None,
-            "metrics": str(metrics_path),
-            "plot": str(plot_path) if plot_path.exists() else None,
-            "interrupted": True,
-        }
+    def _handle(self, signum, frame):
+        if self.flag:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.flag = True
 
-    final = task.evaluate(raw, full=ec.final_full)
-    log({"step": step, "split": "val", **final, "final": True, "elapsed": train_elapsed})
-    plot()
-    final_dir = save("final", final)
-    if main:
-        console.print(
-            f"done: step {step}, {tokens:,} tokens in {train_elapsed:.1f}s; val loss {final['loss']:.4f}"
-            + (f", {final['bpb']:.4f} bits/byte, perplexity {final['ppl']:.2f}" if "bpb" in final else "")
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+
+    def requested(self, info: D.DistInfo) -> bool:
+        """Whether any rank was interrupted (a collective when distributed: every rank stops together)."""
+        flag = torch.tensor(float(self.flag))
+        if info.world_size > 1:
+            flag = D.all_reduce_mean(flag, info)
+        return float(flag) > 0
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _load_for_resume(
+    out: Path, resume: bool, model: nn.Module, export: Export | None, main: bool, console: Console
+) -> dict | None:
+    """The newest checkpoint's trainer state, with its weights loaded into the plain `model` and the temp
+    folders of killed writes removed (rank 0); None for a fresh start. A fresh start into a folder that
+    holds checkpoints is refused."""
+    ckpt = latest_checkpoint(out) if resume else None
+    if not resume and list_checkpoints(out):
+        raise UserError(
+            f"{out} already holds checkpoints; pass --resume to continue that run or choose another "
+            "--checkpoint.dir"
         )
-    D.shutdown(info)
-    return {
-        "step": step,
-        "tokens": tokens,
-        "elapsed": train_elapsed,
-        "final": final,
-        "best_val_loss": best_val,
-        "out_dir": str(out),
-        "checkpoint": str(ckpt_path) if ckpt_path else None,
-        "final_dir": str(final_dir) if final_dir else None,
-        "metrics": str(metrics_path),
-        "plot": str(plot_path) if plot_path.exists() else None,
-        "interrupted": False,
-    }
+    if ckpt is None:
+        return None
+    verify_manifest(ckpt)
+    tstate = load_trainer_state(ckpt)
+    if tstate is None:
+        raise UserError(
+            f"{ckpt} has no trainer_state.pt, so it cannot be resumed; delete it or start a new run"
+        )
+    if export is None:
+        _load_checkpoint_weights(model, ckpt)
+    else:  # the training module (LoRA, a head) is saved whole in the trainer state
+        if "model" not in tstate:
+            raise UserError(f"{ckpt} holds no training-model state; it was not written by this task")
+        _check_state_fits(model, tstate["model"], str(ckpt))
+        model.load_state_dict(tstate["model"])
+    if main:
+        clean_temp(out)
+    console.print(f"resumed from {ckpt} at step {tstate['step']}")
+    return tstate
+
+
+def _restore_training_state(
+    tstate: dict | None, parts: _TrainedModel, data_gen: torch.Generator, task: Task, info: D.DistInfo
+) -> None:
+    """A resumed run's optimizer, RNG (the data order) and task states; nothing on a fresh start."""
+    if tstate is not None:
+        D.load_optim_state(parts.raw, parts.optimizer, tstate["optimizer"], info)
+        _set_rng_state(tstate["rng"], data_gen)
+        task.load_state_dict(tstate.get("task", {}))
+
+
+def _load_checkpoint_weights(model: nn.Module, ckpt: Path) -> None:
+    """The checkpoint's model.safetensors into `model`, refused when it was trained with another config."""
+    try:
+        sd = load_file(str(ckpt / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise UserError(
+            f"{ckpt}/model.safetensors is corrupt ({e}); delete {ckpt} to resume from an earlier one"
+        ) from None
+    saved_cfg = json.loads((ckpt / "config.json").read_text())
+    now = model.config.to_dict()
+    diff = sorted(k for k in now if k in saved_cfg and saved_cfg[k] != now[k])
+    if diff:
+        changes = ", ".join(f"{k}: {saved_cfg[k]} vs {now[k]}" for k in diff[:3])
+        raise UserError(
+            f"{ckpt} was trained with another model config ({changes}); "
+            "use a new --checkpoint.dir or the same settings"
+        )
+    load_state(model, sd, str(ckpt))
+
+
+def _check_state_fits(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        raise UserError(
+            f"the checkpoint {source} does not fit this model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, shape mismatch {sorted(shapes)[:3]}): it was saved for another config; "
+            "use a new --checkpoint.dir or drop --resume"
+        )
+
+
+def _rng_state(data_gen: torch.Generator) -> dict:
+    st = {"data": data_gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict, data_gen: torch.Generator) -> None:
+    data_gen.set_state(st["data"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 
 from yuyan.config import load_config
+from yuyan.data.tasks import LMTask
 from yuyan.errors import UserError
 from yuyan.model.flops import num_params
 from yuyan.train import distributed as D
-from yuyan.train.loop import LMTask, TrainConfig, fit
+from yuyan.train.config import TrainConfig
+from yuyan.train.loop import fit
 
 
 def load_train_config(

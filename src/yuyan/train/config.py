@@ -1,0 +1,144 @@
+"""The training config: one dataclass per TOML section ([model], [data], [train], [eval], [checkpoint]).
+
+`TrainConfig` is what `yuyan train --config FILE.toml --section.key value` fills (through yuyan.config);
+`config_to_toml` writes the resolved config beside the checkpoints as train_config.toml, which loads back
+into the same config. The [model] section is derived from `ModelConfig`: a preset name plus every
+ModelConfig field, None meaning "the preset's value", so a field added to the model is settable from TOML
+and the command line without an edit here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from yuyan.errors import UserError
+from yuyan.model.transformer import ModelConfig
+from yuyan.train import distributed as D
+
+
+def _model_overrides(self) -> dict:
+    """The ModelConfig fields this section sets (those not None), to apply over the preset."""
+    return {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
+
+
+def _model_section() -> type:
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [("preset", str, field(default="demo"))]
+    fields += [(f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(ModelConfig)]
+    doc = (
+        "A model preset plus optional overrides of every ModelConfig field (None: the preset's value; "
+        "vocab_size None: the tokenizer's vocabulary size)."
+    )
+    namespace = {"__doc__": doc, "__module__": __name__, "overrides": _model_overrides}
+    return dataclasses.make_dataclass("ModelSection", fields, namespace=namespace)
+
+
+ModelSection = _model_section()
+
+
+@dataclass
+class DataSection:
+    corpus: str = "stdlib"  # a file, folder, glob, JSONL or "stdlib" (the embedded corpus)
+    tokenizer: str = ""  # a folder with tokenizer.json; "": <out>/tokenizer, trained if missing
+    vocab_size: int = 4096  # when a tokenizer is trained
+    shards: str = ""  # token shards folder; "": <out>/data, prepared if missing
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 50  # optimizer steps of linear warm-up
+    schedule: str = "cosine"  # cosine | wsd
+    decay_frac: float = 0.2  # wsd: fraction of the run spent decaying
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0: off
+    max_steps: int = 1000  # with max_time: an upper bound (0: none)
+    max_time: float = 0.0  # seconds of training; >0 fits the schedule's length to this budget
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    compile: bool = False
+    log_every: int = 10
+
+
+@dataclass
+class EvalSection:
+    every: int = 200  # optimizer steps between evaluations (0: only at the end)
+    batches: int = 20  # random val batches per periodic evaluation (a fixed set, the same each time)
+    final_full: bool = True  # the final evaluation covers the whole validation split
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = "runs/train"
+    every_steps: int = 0  # 0: off
+    every_minutes: float = 10.0  # 0: off
+    keep_last: int = 2
+    save_best: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    distributed: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp
+
+    def validate(self) -> None:
+        t = self.train
+        checks = [
+            (t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and train.grad_accum must be positive"),
+            (t.schedule in ("cosine", "wsd"), f"train.schedule must be cosine or wsd, got {t.schedule!r}"),
+            (
+                t.autocast in ("auto", "bf16", "fp16", "off"),
+                f"train.autocast must be auto|bf16|fp16|off, got {t.autocast!r}",
+            ),
+            (t.max_steps > 0 or t.max_time > 0, "set train.max_steps or train.max_time (> 0)"),
+            (len(t.betas) == 2, "train.betas takes two numbers, e.g. 0.9,0.95"),
+            (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),
+            (self.distributed in D.STRATEGIES, f"distributed must be one of {', '.join(D.STRATEGIES)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"bad training config: {msg}")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table, e.g. rope_scaling = {"rope_type" = "llama3", "factor" = 8.0}
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+def config_to_toml(cfg: Any) -> str:
+    """A resolved dataclass config as TOML: top-level keys, then one table per dataclass section (None values
+    are left out, meaning 'the default')."""
+
+    def lines(obj: Any) -> list[str]:
+        return [
+            f"{f.name} = {_toml_value(v)}"
+            for f in dataclasses.fields(obj)
+            if (v := getattr(obj, f.name)) is not None and not dataclasses.is_dataclass(v)
+        ]
+
+    out = lines(cfg)
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            out += ["", f"[{f.name}]", *lines(section)]
+    return "\n".join(out) + "\n"
