@@ -1,26 +1,36 @@
 """Task pipelines over a loaded model: generate, chat, summarize, translate, qa, sentiment, code.
 
-Each pipeline is a prompt template plus a call into the generation engine (`yuyan.generate.engine`), the
-same function the CLI (`yuyan run TASK`) and any other interface call. A model whose tokenizer has the
-chat role tokens gets chat-formatted prompts (an instruction in a user turn, the answer read from the
-assistant turn); a base model gets the plain-text cue that base LMs continue (GPT-2's "TL;DR:",
-"Question: ... Answer:"). `sentiment` uses a fine-tuned classification head when the checkpoint has one and
-otherwise compares the model's log-probabilities of the label words after a cue, so it works with any LM.
-Problems raise `UserError`: a prompt longer than the context, a classifier checkpoint asked to write text,
-empty input.
+Each pipeline is a prompt template plus a call into the generation engine (`yuyan.generate`), the same
+function the CLI (`yuyan run TASK`) and any other interface call. Every generating pipeline takes the flat
+`GenerationConfig` settings as keywords (`max_new_tokens=32, temperature=0, top_p=0.9, num_beams=2,
+stop=[...]`) over its task's own defaults (`DEFAULTS`); the few settings a pipeline sets itself (`FIXED`:
+it returns one text, stops where its task ends and refuses an input longer than the context) are refused,
+not ignored. A model whose tokenizer has the chat role tokens gets chat-formatted prompts (an instruction
+in a user turn, the answer read from the assistant turn); a base model gets the plain-text cue that base
+LMs continue (GPT-2's "TL;DR:", "Question: ... Answer:"). `sentiment` uses a fine-tuned classification
+head when the checkpoint has one and otherwise compares the model's log-probabilities of the label words
+after a cue, so it works with any LM. Problems raise `UserError`: a prompt longer than the context, a
+classifier checkpoint asked to write text, empty input.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from yuyan.apps.conversation import CHAT_DEFAULTS, CHAT_FIXED, Conversation, has_chat
 from yuyan.errors import UserError
+from yuyan.generate import GenerationConfig
+from yuyan.generate import generate as generate_completions
 from yuyan.model.checkpoint import LanguageModel
 
 TASKS = ("generate", "chat", "summarize", "translate", "qa", "sentiment", "code")
+GENERATING = ("generate", "chat", "summarize", "translate", "qa", "code")  # sentiment only scores words
 
 # {mode: template}; chat templates are the user turn's content, plain ones are the whole prompt
 TEMPLATES: dict[str, dict[str, str]] = {
@@ -43,6 +53,26 @@ TEMPLATES: dict[str, dict[str, str]] = {
 }
 CODE_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\n\n\n"]
 
+# each generating task's settings; a caller's settings go over them
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "generate": {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95},
+    "chat": CHAT_DEFAULTS,
+    "summarize": {"max_new_tokens": 64, "temperature": 0.0},
+    "translate": {"max_new_tokens": 64, "temperature": 0.0},
+    "qa": {"max_new_tokens": 48, "temperature": 0.0},
+    "code": {"max_new_tokens": 64, "temperature": 0.2, "top_p": 0.95},
+}
+FIXED = CHAT_FIXED  # one text back, the task's stop tokens, an over-long input refused: the same as a chat
+
+
+def task_config(task: str, settings: Mapping[str, Any]) -> GenerationConfig:
+    """DEFAULTS[task] with `settings` (flat GenerationConfig fields) over them, validated; a FIXED setting
+    or an unknown name is an error that names it."""
+    fixed = sorted(set(settings) & set(FIXED))
+    if fixed:
+        raise UserError(f"the {task} pipeline sets {', '.join(fixed)} itself; drop {', '.join(fixed)}")
+    return GenerationConfig.from_dict({**DEFAULTS[task], **settings}).validate()
+
 
 def as_model(model: LanguageModel | str | os.PathLike) -> LanguageModel:
     """A LanguageModel, loading a spec (checkpoint folder, HF folder, hf:NAME) when given one."""
@@ -51,12 +81,6 @@ def as_model(model: LanguageModel | str | os.PathLike) -> LanguageModel:
     from yuyan.model import load
 
     return load(model)
-
-
-def has_chat(lm: LanguageModel) -> bool:
-    from yuyan.tokenizer import CHAT_TOKENS
-
-    return all(t in lm.tokenizer.chat_ids for t in CHAT_TOKENS)
 
 
 def _writer(lm: LanguageModel, task: str) -> None:
@@ -70,29 +94,13 @@ def _writer(lm: LanguageModel, task: str) -> None:
 def _complete(
     lm: LanguageModel,
     prompts: list[str | list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-    stop: list[str] | None,
+    config: GenerationConfig,
+    stop: list[str],
     stop_ids: list[int] | None,
-    repetition_penalty: float = 1.0,
 ) -> list[str]:
-    from yuyan.generate.engine import GenerationConfig, generate
-
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        stop=list(stop or []),
-        stop_token_ids=stop_ids,
-        context_overflow="error",
-        repetition_penalty=repetition_penalty,
-    )
-    return [c[0].text for c in generate(lm.model, lm.tokenizer, prompts, cfg)]
+    """The first completion of each prompt; the task's stop strings join the caller's."""
+    cfg = replace(config, stop=[*stop, *config.stop], stop_token_ids=stop_ids, context_overflow="error")
+    return [c[0].text for c in generate_completions(lm.model, lm.tokenizer, prompts, cfg)]
 
 
 def _chat_prompt(lm: LanguageModel, user: str, system: str | None = None) -> list[int]:
@@ -115,169 +123,87 @@ def _instruct(
     task: str,
     texts: list[str],
     fields: dict,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
+    settings: Mapping[str, Any],
     plain_stop: list[str],
 ) -> list[str]:
     """Fill TEMPLATES[task] for each text; chat-format when the model has chat tokens."""
     _writer(lm, task)
+    cfg = task_config(task, settings)
     if has_chat(lm):
         prompts = [_chat_prompt(lm, TEMPLATES[task]["chat"].format(text=t, **fields)) for t in texts]
-        outs = _complete(
-            lm, prompts, max_new_tokens, temperature, top_p, 0, seed, None, lm.tokenizer.chat_stop_ids
-        )
+        outs = _complete(lm, prompts, cfg, [], lm.tokenizer.chat_stop_ids)
     else:
         prompts = [TEMPLATES[task]["plain"].format(text=t, **fields) for t in texts]
-        outs = _complete(lm, prompts, max_new_tokens, temperature, top_p, 0, seed, plain_stop, None)
+        outs = _complete(lm, prompts, cfg, plain_stop, None)
     return [o.strip() for o in outs]
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
 
 
-def generate(
-    model,
-    prompt: str | list[str],
-    max_new_tokens: int = 64,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    top_k: int = 0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    repetition_penalty: float = 1.0,
-) -> str | list[str]:
+def generate(model, prompt: str | list[str], **settings: Any) -> str | list[str]:
     """Continue `prompt` (free text generation)."""
     lm = as_model(model)
     _writer(lm, "generate")
     texts, single = _one(prompt)
-    outs = _complete(
-        lm, texts, max_new_tokens, temperature, top_p, top_k, seed, stop, None, repetition_penalty
-    )
+    outs = _complete(lm, texts, task_config("generate", settings), [], None)
     return outs[0] if single else outs
 
 
-def chat(
-    model,
-    messages: str | list[dict],
-    system: str | None = None,
-    max_new_tokens: int = 128,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    seed: int | None = None,
-) -> str:
-    """The assistant's reply to a conversation (a list of {"role", "content"} or one user message)."""
+def chat(model, messages: str | list[dict], system: str | None = None, **settings: Any) -> str:
+    """The assistant's reply to a conversation (a list of {"role", "content"} or one user message); the
+    oldest turns are dropped when the conversation does not fit the context (apps/conversation.py)."""
     lm = as_model(model)
     _writer(lm, "chat")
     if isinstance(messages, str):
         _one(messages)
         messages = [{"role": "user", "content": messages}]
-    if not messages or messages[-1].get("role") != "user":
-        raise UserError('a chat must end with a user message; add {"role": "user", "content": ...}')
-    msgs = ([{"role": "system", "content": system}] if system else []) + list(messages)
-    ids = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)[0]
-    stop = None if has_chat(lm) else ["\nUser:", "\nSystem:"]  # plain-text role markers on a base model
-    return _complete(
-        lm, [ids], max_new_tokens, temperature, top_p, 0, seed, stop, lm.tokenizer.chat_stop_ids
-    )[0].strip()
+    return Conversation(lm, task_config("chat", settings), system=system, messages=messages).reply()
 
 
-def summarize(
-    model,
-    text: str | list[str],
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> str | list[str]:
+def summarize(model, text: str | list[str], **settings: Any) -> str | list[str]:
     """A short summary of `text` (chat instruction, or "TL;DR:" on a base model)."""
     lm = as_model(model)
     texts, single = _one(text)
-    outs = _instruct(lm, "summarize", texts, {}, max_new_tokens, temperature, top_p, seed, ["\n\n"])
+    outs = _instruct(lm, "summarize", texts, {}, settings, ["\n\n"])
     return outs[0] if single else outs
 
 
 def translate(
-    model,
-    text: str | list[str],
-    target: str = "Chinese",
-    source: str = "English",
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    model, text: str | list[str], target: str = "Chinese", source: str = "English", **settings: Any
 ) -> str | list[str]:
     """`text` translated from `source` into `target` (language names, e.g. English, Chinese, French)."""
     if not target.strip() or not source.strip():
         raise UserError("name the languages: --source English --target Chinese")
     lm = as_model(model)
     texts, single = _one(text)
-    outs = _instruct(
-        lm,
-        "translate",
-        texts,
-        {"source": source, "target": target},
-        max_new_tokens,
-        temperature,
-        top_p,
-        seed,
-        ["\n"],
-    )
+    outs = _instruct(lm, "translate", texts, {"source": source, "target": target}, settings, ["\n"])
     return outs[0] if single else outs
 
 
-def qa(
-    model,
-    question: str,
-    context: str | None = None,
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> str:
+def qa(model, question: str, context: str | None = None, **settings: Any) -> str:
     """An answer to `question`, grounded in `context` when one is given."""
     lm = as_model(model)
     _one(question)
     ctx = f"Context: {context.strip()}\n" if context and context.strip() else ""
     _writer(lm, "answer questions with")
     fields = {"context": ctx, "question": question.strip()}
+    cfg = task_config("qa", settings)
     if has_chat(lm):
         ids = _chat_prompt(lm, TEMPLATES["qa"]["chat"].format(**fields))
-        out = _complete(
-            lm, [ids], max_new_tokens, temperature, top_p, 0, seed, None, lm.tokenizer.chat_stop_ids
-        )
+        out = _complete(lm, [ids], cfg, [], lm.tokenizer.chat_stop_ids)
     else:
-        out = _complete(
-            lm,
-            [TEMPLATES["qa"]["plain"].format(**fields)],
-            max_new_tokens,
-            temperature,
-            top_p,
-            0,
-            seed,
-            ["\n"],
-            None,
-        )
+        out = _complete(lm, [TEMPLATES["qa"]["plain"].format(**fields)], cfg, ["\n"], None)
     return out[0].strip()
 
 
-def code(
-    model,
-    prefix: str,
-    max_new_tokens: int = 64,
-    temperature: float = 0.2,
-    top_p: float = 0.95,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-) -> str:
-    """Code completion: the continuation of `prefix`, stopped at the next top-level def/class."""
+def code(model, prefix: str, **settings: Any) -> str:
+    """Code completion: the continuation of `prefix`, stopped at the next top-level def/class (CODE_STOPS)
+    or at any `stop` string given."""
     lm = as_model(model)
     _writer(lm, "complete code")
     _one(prefix)
-    return _complete(
-        lm, [prefix], max_new_tokens, temperature, top_p, 0, seed, CODE_STOPS if stop is None else stop, None
-    )[0]
+    return _complete(lm, [prefix], task_config("code", settings), CODE_STOPS, None)[0]
 
 
 @torch.no_grad()
@@ -365,7 +291,11 @@ __all__ = [
     "code",
     "as_model",
     "has_chat",
+    "task_config",
     "TASKS",
+    "GENERATING",
     "TEMPLATES",
+    "DEFAULTS",
+    "FIXED",
     "PIPELINES",
 ]
