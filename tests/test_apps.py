@@ -202,3 +202,73 @@ def test_every_task_on_the_cli(tmp_path, tokenizer, run_cli, capsys, monkeypatch
     assert bad.returncode == 2 and "error: unknown task" in bad.stderr
     long = run_cli("run", "summarize", "--model", ck, "--prompt", "word " * 400)
     assert long.returncode == 2 and "context" in long.stderr and "Traceback" not in long.stderr
+
+
+def test_both_chat_commands_drive_the_one_loop(tmp_path, tokenizer, capsys, monkeypatch):
+    torch.manual_seed(0)
+    ck = save_checkpoint(
+        tmp_path / "m", Transformer(tiny_config("gpt2", vocab_size=tokenizer.vocab_size)), tokenizer
+    )
+    script = "hello\n/reset\nhi\n/exit\nnot read\n"
+    opts = ["--model", ck, "--max-new-tokens", "6", "--temperature", "0", "--system", "be brief"]
+    code, chat_out, err = _cli(capsys, "chat", *opts, stdin=script, monkeypatch=monkeypatch)
+    assert code == 0, err
+    code, run_out, err = _cli(capsys, "run", "chat", *opts, stdin=script, monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert chat_out == run_out
+    lines = chat_out.splitlines()
+    assert lines[1] == "(history cleared)" and len(lines) == 3
+    # after /reset the reply is a fresh conversation's, and the reply is the one-shot pipeline's
+    assert lines[2] == "assistant: " + apps.chat(
+        str(ck), "hi", system="be brief", max_new_tokens=6, temperature=0
+    )
+    assert lines[0] == "assistant: " + apps.chat(
+        str(ck), "hello", system="be brief", max_new_tokens=6, temperature=0
+    )
+
+
+def test_conversation_trims_the_oldest_turns(tokenizer):
+    lm = _lm(tokenizer)  # block_size 256
+    cfg = apps.task_config("chat", {"max_new_tokens": 8, "temperature": 0.0})
+    conv = apps.Conversation(lm, cfg, system="be kind")
+    for i in range(30):
+        reply = "".join(conv.send(f"message number {i} with some words in it"))
+        assert conv.messages[-1] == {"role": "assistant", "content": reply.strip()}
+        assert len(conv.prompt()) <= 256 - 8  # the next reply always has room
+    assert conv.messages[0] == {"role": "system", "content": "be kind"}
+    assert conv.messages[1]["role"] == "user" and len(conv.messages) < 61  # old turns went, whole
+    assert conv.messages[-2]["content"] == "message number 29 with some words in it"
+    conv.reset()
+    assert conv.messages == [{"role": "system", "content": "be kind"}]
+    # a turn too long for the context alone is refused and leaves the history as it was
+    with pytest.raises(UserError, match="context"):
+        list(conv.send("word " * 400))
+    assert conv.messages == [{"role": "system", "content": "be kind"}]
+
+
+def test_chat_repl_goes_on_after_a_failed_turn(tokenizer, capsys):
+    import io
+
+    lm = _lm(tokenizer)
+    conv = apps.Conversation(lm, apps.task_config("chat", {"max_new_tokens": 4, "temperature": 0.0}))
+    out = io.StringIO()
+    apps.repl(conv, io.StringIO("word " * 400 + "\nhi\n"), out, as_json=True)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert rows == [{"role": "assistant", "content": apps.chat(lm, "hi", max_new_tokens=4, temperature=0)}]
+    assert "error:" in capsys.readouterr().err
+
+
+def test_settings_a_task_cannot_use_are_refused(tokenizer, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # rich cuts long option names in a narrow terminal
+    lm = _lm(tokenizer)
+    with pytest.raises(UserError, match="sets n itself"):
+        apps.summarize(lm, "text", n=2)
+    with pytest.raises(UserError, match="unknown generation settings"):
+        apps.code(lm, "def f", temprature=0)
+    ck = save_checkpoint(tmp_path / "m", lm.model, tokenizer)
+    code, _, err = _cli(capsys, "run", "sentiment", "--model", ck, "--prompt", "good", "--temperature", "0")
+    assert code == 2 and "drop --temperature" in err
+    code, _, err = _cli(capsys, "run", "summarize", "--model", ck, "--prompt", "x", "--system", "s")
+    assert code == 2 and "summarize does not take --system" in err
+    code, out, _ = _cli(capsys, "run", "--help")
+    assert code == 0 and "--frequency-penalty" in out and "--logprobs" not in out

@@ -97,3 +97,110 @@ def test_chat_cli(run_cli, tiny_checkpoint):
     )
     lines = p.stdout.splitlines()
     assert "(history cleared)" in lines and len(lines) >= 3
+
+
+def _in_process(capsys, *args, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    """`yuyan ARGS` in this process (no interpreter start-up); returns (status, stdout, stderr)."""
+    from yuyan.cli import main
+
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_generation_setting_is_an_option_of_generate(capsys, monkeypatch):
+    from yuyan.cli.common import HELP, settings
+
+    monkeypatch.setenv("COLUMNS", "300")  # rich cuts long option names in a narrow terminal
+    from yuyan.generate import GenerationConfig
+
+    flat = set(GenerationConfig().to_dict())
+    assert {s.name for s in settings()} == flat  # the flat form: sampling's fields beside the others
+    assert set(HELP) == flat  # each setting has its line of help
+    code, out, _ = _in_process(capsys, "generate", "--help")
+    assert code == 0
+    words = set(out.replace("│", " ").replace(",", " ").split())
+    for s in settings():
+        assert s.flags[0] in words, s.name
+    assert "--beams" in out and "--no-sliding-window" in out
+    # a chat streams one reply a turn: the settings it cannot honour are not offered
+    code, out, _ = _in_process(capsys, "chat", "--help")
+    assert code == 0 and "--top-p" in out and "0.95" in out
+    assert not {"--n", "--num-beams", "--logprobs", "--stop-token-ids", "--context-overflow"} & set(
+        out.replace("│", " ").split()
+    )
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_generation_flags_reach_the_config(tiny_checkpoint, capsys, monkeypatch):
+    import yuyan.generate
+    from yuyan.generate import Completion
+
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, config):
+        seen.append(config)
+        return [[Completion("", [], "length")] for _ in prompts]
+
+    monkeypatch.setattr(yuyan.generate, "generate", fake_generate)
+    code, _, err = _in_process(
+        capsys, "generate", "--model", tiny_checkpoint, "--prompt", "x", "--json",
+        "--frequency-penalty", "0.5", "--presence-penalty", "0.25", "--stop", "\n", "--stop", "END",
+        "--logprobs", "2", "--stop-token-ids", "3", "--stop-token-ids", "7", "--context-overflow", "error",
+        "--no-sliding-window", "--min-p", "0.1", "--seed", "4", "--n", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    cfg = seen[0]
+    assert cfg.sampling.frequency_penalty == 0.5 and cfg.sampling.presence_penalty == 0.25
+    assert cfg.stop == ["\n", "END"] and cfg.stop_token_ids == [3, 7] and cfg.logprobs == 2
+    assert cfg.context_overflow == "error" and cfg.sliding_window is False
+    assert (cfg.sampling.min_p, cfg.sampling.seed, cfg.sampling.n) == (0.1, 4, 2)
+    # the command's own defaults (max_new_tokens 128, temperature 0.8); beam settings, --beams spelling
+    assert cfg.max_new_tokens == 128 and cfg.sampling.temperature == 0.8
+    code, _, err = _in_process(
+        capsys, "generate", "--model", tiny_checkpoint, "--prompt", "x", "--beams", "3", "--n", "2",
+        "--length-penalty", "0.5", "--early-stopping", "never",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (seen[1].num_beams, seen[1].length_penalty, seen[1].early_stopping) == (3, 0.5, "never")
+    _in_process(capsys, "generate", "--model", tiny_checkpoint, "--prompt", "x", "--early-stopping", "true")
+    assert seen[2].early_stopping is True
+
+
+def test_a_bad_setting_is_one_error_line_from_validate(capsys, tmp_path):
+    missing = tmp_path / "no-model"  # validate() runs before the model is loaded
+    for args, message in [
+        (["--top-p", "1.5"], "error: invalid sampling setting: top_p"),
+        (["--early-stopping", "maybe"], "error: invalid generation setting: early_stopping"),
+        (["--beams", "2", "--n", "3"], "error: invalid generation setting: n (3) must be <= num_beams (2)"),
+        (["--context-overflow", "wrap"], "error: invalid generation setting: context_overflow"),
+    ]:
+        code, _, err = _in_process(capsys, "generate", "--model", missing, "--prompt", "x", *args)
+        assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_logprobs_and_stop_strings_in_the_output(tiny_checkpoint, capsys):
+    args = ["generate", "--model", tiny_checkpoint, "--prompt", "def f", "--max-new-tokens", "6",
+            "--temperature", "0", "--json"]  # fmt: skip
+    code, out, _ = _in_process(capsys, *args, "--logprobs", "2")
+    assert code == 0
+    comp = json.loads(out)["completions"][0]
+    assert [t["token_id"] for t in comp["logprobs"]] == comp["token_ids"]
+    assert all(len(t["top"]) == 2 and t["logprob"] <= 0 for t in comp["logprobs"])
+    # two stop strings: the text is cut before the first of either
+    full = comp["text"]
+    a, b = full[1:3], full[4:5]
+    code, out, _ = _in_process(capsys, *args, "--stop", a, "--stop", b)
+    cut = min(i for i in (full.find(a), full.find(b)) if i >= 0)
+    assert code == 0 and json.loads(out)["completions"][0]["text"] == full[:cut]
+    code, _, err = _in_process(capsys, *args[:-1], "--logprobs", "2")
+    assert code == 2 and err.startswith("error: --logprobs") and "--json" in err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from yuyan.cli import app
+from yuyan.cli.app import app
 
 
 @app.command("prepare")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import typer
 
-from yuyan.cli import app
+from yuyan.cli.app import app
+from yuyan.cli.common import MODEL, MODEL_HELP, generation_options, load_model, setting_flags
 from yuyan.errors import UserError
+from yuyan.generate import GenerationConfig
 
 eval_app = typer.Typer(
     help="Evaluate a model: perplexity, bleu, rouge, classify, speed; compare two results.",
@@ -20,7 +22,8 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 
-MODEL = typer.Option(..., "--model", "-m", help="checkpoint folder, Hugging Face folder or hf:NAME")
+# --model for the text metrics: needed to generate from --data, not to score --predictions
+GENERATING_MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (to generate from --data)")
 OUT = typer.Option(None, "--out", help="folder for the JSON result and the Markdown report")
 
 
@@ -45,9 +48,7 @@ def _emit(result: dict, out: Path | None, name: str | None = None) -> None:
 def _load(model: str, device: str | None = None):
     import torch
 
-    from yuyan.model import load
-
-    return load(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return load_model(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @eval_app.command("perplexity")
@@ -136,6 +137,11 @@ def _pairs(
             "pass exactly one of --data FILE (prompts to generate from) or --predictions FILE (given outputs)"
         )
     if predictions is not None:
+        changed = {k for k, v in gen.to_dict().items() if v != EVAL_CONFIG.to_dict()[k]}
+        if changed:
+            raise UserError(
+                f"--predictions are scored as given; {setting_flags(changed)} apply only when generating from --data"
+            )
         rows = _read_jsonl(predictions)
         return (
             [str(p) for p in _field(rows, prediction_field, predictions)],
@@ -147,24 +153,11 @@ def _pairs(
     rows = _read_jsonl(data)
     prompts = [str(p) for p in _field(rows, prompt_field, data)]
     refs = _field(rows, reference_field, data)
-    from yuyan.generate import GenerationConfig, generate
+    from yuyan.generate import generate
 
     lm = _load(model)
-    cfg = GenerationConfig(**gen)
-    outs = generate(lm.model, lm.tokenizer, prompts, cfg)
-    return [o[0].text.strip() for o in outs], refs, {"data": str(data), **gen}
-
-
-def _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed, stop) -> dict:
-    return {
-        "stop": list(stop or []),
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "num_beams": beams,
-        "seed": seed,
-    }
+    outs = generate(lm.model, lm.tokenizer, prompts, gen)
+    return [o[0].text.strip() for o in outs], refs, {"data": str(data), **gen.to_dict()}
 
 
 def _text_metric(
@@ -189,18 +182,16 @@ _PRED = typer.Option(None, "--predictions", help="JSONL with prediction and refe
 _PF = typer.Option("prompt", help="prompt field in --data")
 _RF = typer.Option("reference", help="reference field (a string or a list of strings)")
 _XF = typer.Option("prediction", help="prediction field in --predictions")
-_NT = typer.Option(64, help="tokens to generate per prompt")
-_T = typer.Option(0.0, help="sampling temperature (0: greedy)")
-_K = typer.Option(0, help="top-k (0: off)")
-_P = typer.Option(1.0, help="top-p (1: off)")
-_B = typer.Option(1, help="beam search width (1: off)")
-_S = typer.Option(0, help="random seed for sampling")
-_STOP = typer.Option(None, "--stop", help="stop string (repeatable), e.g. --stop $'\\n'")
+# one prediction per prompt is scored: n and logprobs would be computed and thrown away
+EVAL_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "seed": 0}
+EVAL_EXCLUDE = ("n", "logprobs")
+EVAL_CONFIG = GenerationConfig.from_dict(EVAL_DEFAULTS)  # what no generation option changed
 
 
 @eval_app.command("bleu")
+@generation_options(EVAL_DEFAULTS, exclude=EVAL_EXCLUDE)
 def bleu_cmd(
-    model: str = typer.Option(None, "--model", "-m", help="model to generate with (needed with --data)"),
+    model: str = GENERATING_MODEL,
     data: Path = _DATA,
     predictions: Path = _PRED,
     tokenize: str = typer.Option(
@@ -209,14 +200,8 @@ def bleu_cmd(
     prompt_field: str = _PF,
     reference_field: str = _RF,
     prediction_field: str = _XF,
-    max_new_tokens: int = _NT,
-    temperature: float = _T,
-    top_k: int = _K,
-    top_p: float = _P,
-    beams: int = _B,
-    seed: int = _S,
-    stop: list[str] = _STOP,
     out: Path = OUT,
+    gen: GenerationConfig = None,
 ) -> None:
     """Corpus BLEU (sacrebleu) of generated or given outputs against references.
 
@@ -231,27 +216,22 @@ def bleu_cmd(
         prompt_field,
         reference_field,
         prediction_field,
-        _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed, stop),
+        gen,
         out,
     )
 
 
 @eval_app.command("rouge")
+@generation_options(EVAL_DEFAULTS, exclude=EVAL_EXCLUDE)
 def rouge_cmd(
-    model: str = typer.Option(None, "--model", "-m", help="model to generate with (needed with --data)"),
+    model: str = GENERATING_MODEL,
     data: Path = _DATA,
     predictions: Path = _PRED,
     prompt_field: str = _PF,
     reference_field: str = _RF,
     prediction_field: str = _XF,
-    max_new_tokens: int = _NT,
-    temperature: float = _T,
-    top_k: int = _K,
-    top_p: float = _P,
-    beams: int = _B,
-    seed: int = _S,
-    stop: list[str] = _STOP,
     out: Path = OUT,
+    gen: GenerationConfig = None,
 ) -> None:
     """ROUGE-1/2/L (rouge-score, CJK characters kept as tokens) of generated or given outputs.
 
@@ -266,7 +246,7 @@ def rouge_cmd(
         prompt_field,
         reference_field,
         prediction_field,
-        _gen_opts(max_new_tokens, temperature, top_k, top_p, beams, seed, stop),
+        gen,
         out,
     )
 
@@ -316,7 +296,6 @@ def speed_cmd(
 
     from yuyan.evaluate.report import make_result
     from yuyan.evaluate.speed import speed
-    from yuyan.model import load
 
     try:
         sizes = tuple(int(x) for x in batch_sizes.split(",") if x.strip())
@@ -329,7 +308,7 @@ def speed_cmd(
             raise UserError("--threads must be at least 1")
         torch.set_num_threads(threads)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lm = load(model, dev)
+    lm = load_model(model, device=dev)
     r = speed(lm.model, prompt_len, new_tokens, sizes, repeats)
     _emit(make_result("speed", model, r), out)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import typer
 
-from yuyan.cli import app
+from yuyan.cli.app import app
+from yuyan.cli.common import MODEL
 from yuyan.errors import UserError
 
 EXAMPLE = """
@@ -32,7 +33,7 @@ Example:
 )
 def finetune_cmd(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", "-m", help="checkpoint folder, Hugging Face folder or hf:NAME"),
+    model: str = MODEL,
     task: str = typer.Option("sft", "--task", help="lm | sft | classify"),
     data: str = typer.Option(
         ...,

@@ -1,9 +1,10 @@
-"""`yuyan generate` and `yuyan chat`: thin commands over `yuyan.generate`.
+"""`yuyan generate` and `yuyan chat`: thin commands over `yuyan.generate` and `yuyan.apps.Conversation`.
 
 `generate` takes one prompt, a file of prompts (one per line, or JSONL with a "prompt" field) or stdin, and
-prints completions as text, streams them, or writes JSON lines. `chat` is a REPL over the tokenizer's chat
-template that keeps the history, streams each answer as it is produced, and understands /reset and /exit;
-it reads stdin line by line, so piped input works as a script.
+prints completions as text, streams them, or writes JSON lines (with each token's logprobs under
+--logprobs). Its generation options are every `GenerationConfig` setting (cli/common.py). `chat` is the
+chat loop of `yuyan.apps.repl`, the same as `yuyan run chat`: it keeps the history, streams each answer,
+and understands /reset and /exit; it reads stdin line by line, so piped input works as a script.
 """
 
 from __future__ import annotations
@@ -15,40 +16,13 @@ from pathlib import Path
 
 import typer
 
-from yuyan.cli import app
+from yuyan.apps.conversation import CHAT_DEFAULTS, CHAT_FIXED
+from yuyan.cli.app import app
+from yuyan.cli.common import MODEL, QUANTIZE, generation_options, load_model
 from yuyan.errors import UserError
+from yuyan.generate import Completion, GenerationConfig
 
-MODEL = typer.Option(..., "--model", "-m", help="checkpoint folder, Hugging Face folder or hf:NAME")
-
-
-def _load(model: str, quantize: str | None):
-    from yuyan.model import load
-
-    lm = load(model)
-    if quantize:
-        if quantize != "int8":
-            raise UserError(f"unknown --quantize {quantize!r}; the only choice is int8")
-        from yuyan.model.quantize import quantize_int8
-
-        quantize_int8(lm.model)
-    return lm
-
-
-def _config(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, beams, n, seed, stop):
-    from yuyan.generate import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=0.0 if beams > 1 else temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        num_beams=beams,
-        n=n,
-        seed=seed,
-        stop=list(stop or []),
-    ).validate()
+GENERATE_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.8}
 
 
 def _read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
@@ -75,34 +49,17 @@ def _read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
 
 
 @app.command("generate")
+@generation_options(GENERATE_DEFAULTS)
 def generate_cmd(
     model: str = MODEL,
     prompt: str = typer.Option(None, "--prompt", "-p", help="prompt text (default: --prompts-file or stdin)"),
     prompts_file: Path = typer.Option(
         None, "--prompts-file", help='one prompt per line (\\n for newlines), or JSONL with "prompt"'
     ),
-    max_new_tokens: int = typer.Option(
-        128, "--max-new-tokens", "-n", help="tokens to generate per completion"
-    ),
-    temperature: float = typer.Option(0.8, help="sampling temperature (0: greedy)"),
-    top_k: int = typer.Option(0, "--top-k", help="keep the k most likely tokens (0: off)"),
-    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (1: off)"),
-    min_p: float = typer.Option(
-        0.0, "--min-p", help="drop tokens below min_p x the top probability (0: off)"
-    ),
-    repetition_penalty: float = typer.Option(
-        1.0, "--repetition-penalty", help="> 1 discourages repeats (1: off)"
-    ),
-    beams: int = typer.Option(1, "--beams", help="beam search width (1: sampling/greedy)"),
-    n: int = typer.Option(1, "--n", help="completions per prompt"),
-    seed: int = typer.Option(None, "--seed", help="make sampling reproducible"),
-    stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable); never printed"),
     stream: bool = typer.Option(False, "--stream", help="print text as it is generated (one prompt, n 1)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per prompt on stdout"),
-    quantize: str = typer.Option(None, "--quantize", help="int8: int8 weights for faster CPU decoding"),
-    speculative: int = typer.Option(
-        0, "--speculative", help="greedy only: draft K tokens a step with an int8 copy (same output, faster)"
-    ),
+    quantize: str = QUANTIZE,
+    gen: GenerationConfig = None,
 ) -> None:
     """Continue a prompt with a model.
 
@@ -111,110 +68,60 @@ def generate_cmd(
     from yuyan.generate import generate
     from yuyan.generate import stream as stream_fn
 
-    cfg = _config(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, beams, n, seed, stop)
-    cfg.speculative = speculative
-    cfg.validate()
+    if stream and as_json:
+        raise UserError("--stream prints one prompt's text: drop --json, or --stream for JSON lines")
+    if gen.logprobs is not None and not as_json:
+        raise UserError("--logprobs are written in the --json output: add --json")
     prompts = _read_prompts(prompt, prompts_file)
-    lm = _load(model, quantize)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    if stream and len(prompts) != 1:
+        raise UserError("--stream prints one prompt's text: give a single prompt")
+    lm = load_model(model, quantize)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # one warning per prompt that is cut to the context
         if stream:
-            if len(prompts) != 1 or as_json:
-                raise UserError("--stream prints one prompt's text: give a single prompt and no --json")
             sys.stdout.write(prompts[0])
-            for piece in stream_fn(lm.model, lm.tokenizer, prompts[0], cfg):
+            for piece in stream_fn(lm.model, lm.tokenizer, prompts[0], gen):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
-        else:
-            results = generate(lm.model, lm.tokenizer, prompts, cfg)
-            for p, comps in zip(prompts, results, strict=True):
-                if as_json:
-                    print(
-                        json.dumps(
-                            {
-                                "prompt": p,
-                                "completions": [
-                                    {
-                                        "text": c.text,
-                                        "finish_reason": c.finish_reason,
-                                        "token_ids": c.token_ids,
-                                    }
-                                    for c in comps
-                                ],
-                            },
-                            ensure_ascii=False,
-                        )
-                    )
-                else:
-                    for c in comps:
-                        print(p + c.text)
-                        if len(prompts) > 1 or len(comps) > 1:
-                            print("-" * 40)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+            return
+        results = generate(lm.model, lm.tokenizer, prompts, gen)
+    for p, comps in zip(prompts, results, strict=True):
+        if as_json:
+            print(json.dumps({"prompt": p, "completions": [_record(c) for c in comps]}, ensure_ascii=False))
+            continue
+        for c in comps:
+            print(p + c.text)
+            if len(prompts) > 1 or len(comps) > 1:
+                print("-" * 40)
+
+
+def _record(c: Completion) -> dict:
+    rec = {"text": c.text, "finish_reason": c.finish_reason, "token_ids": c.token_ids}
+    if c.logprobs is not None:
+        rec["logprobs"] = [
+            {"token_id": t.token_id, "token": t.token, "logprob": t.logprob, "top": [list(x) for x in t.top]}
+            for t in c.logprobs
+        ]
+    return rec
+
+
+# a chat streams one reply a turn: beam search and the settings the conversation sets itself are not offered
+CHAT_EXCLUDE = ("num_beams", "length_penalty", "early_stopping")
 
 
 @app.command("chat")
+@generation_options(CHAT_DEFAULTS, exclude=CHAT_FIXED + CHAT_EXCLUDE)
 def chat_cmd(
     model: str = MODEL,
     system: str = typer.Option(None, "--system", help="system message that opens the conversation"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest answer in tokens"),
-    temperature: float = typer.Option(0.7, help="sampling temperature (0: greedy)"),
-    top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling mass (1: off)"),
-    seed: int = typer.Option(None, "--seed", help="make sampling reproducible"),
-    quantize: str = typer.Option(None, "--quantize", help="int8: int8 weights for faster CPU decoding"),
+    quantize: str = QUANTIZE,
+    gen: GenerationConfig = None,
 ) -> None:
     """Chat with a model over its chat template; /reset clears the history, /exit (or end of input) quits.
 
     Example: yuyan chat --model runs/sft      (or: printf 'hello\\n/exit\\n' | yuyan chat --model runs/sft)
     """
-    from yuyan.generate import GenerationConfig, stream
+    from yuyan.apps import Conversation, repl
 
-    lm = _load(model, quantize)
-    tok, block = lm.tokenizer, lm.model.config.block_size
-    plain = len(tok.chat_ids) < 4  # no role tokens: the template writes "User: ..." lines
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop_token_ids=tok.chat_stop_ids,
-        stop=["\nUser:"] if plain else [],
-    ).validate()
-    base = [{"role": "system", "content": system}] if system else []
-    history = list(base)
-    interactive = sys.stdin.isatty()
-    print("chat: /reset clears the history, /exit quits", file=sys.stderr)
-    while True:
-        if interactive:
-            sys.stdout.write("> ")
-            sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.rstrip("\n")
-        if not text.strip():
-            continue
-        if text.strip() == "/exit":
-            break
-        if text.strip() == "/reset":
-            history = list(base)
-            print("(history cleared)")
-            continue
-        history.append({"role": "user", "content": text})
-        ids, _ = tok.apply_chat_template(history, add_generation_prompt=True)
-        # drop the oldest turns (keeping the system message) until the prompt leaves room for an answer
-        while len(ids) > max(1, block - max_new_tokens) and len(history) > len(base) + 1:
-            history = base + history[len(base) + 1 :]
-            ids, _ = tok.apply_chat_template(history, add_generation_prompt=True)
-        answer = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a still-too-long prompt is truncated from the left
-            for piece in stream(lm.model, tok, ids, cfg):
-                answer.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(answer)})
+    repl(Conversation(load_model(model, quantize), gen, system=system))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import typer
 
-from yuyan.cli import app
+from yuyan.cli.app import app
+from yuyan.cli.common import MODEL, load_model
 from yuyan.errors import UserError
 
 inspect_app = typer.Typer(
@@ -18,15 +19,8 @@ inspect_app = typer.Typer(
 )
 app.add_typer(inspect_app, name="inspect")
 
-MODEL = typer.Option(..., "--model", "-m", help="checkpoint folder, Hugging Face folder or hf:NAME")
 TEXT = typer.Option(..., "--prompt", "--text", "-p", help="the input text")
 OUT = typer.Option(Path("inspect"), "--out", help="folder for the PNG/HTML/JSON files")
-
-
-def _load(model: str):
-    from yuyan.model import load
-
-    return load(model)
 
 
 @inspect_app.command("attention")
@@ -46,7 +40,7 @@ def attention_cmd(
         chosen = [int(x) for x in layers.split(",")] if layers else None
     except ValueError:
         raise UserError(f"--layers {layers!r} must be comma-separated integers, e.g. 0,3") from None
-    lm = _load(model)
+    lm = load_model(model)
     r = render_attention(lm.model, lm.tokenizer, text, out, chosen, title=str(model))
     print(f"{len(r['tokens'])} tokens, {len(r['pngs'])} layer maps")
     for p in [*r["pngs"], r["html"]]:
@@ -67,7 +61,7 @@ def logit_lens_cmd(
     """
     from yuyan.interpret.logit_lens import render_logit_lens
 
-    lm = _load(model)
+    lm = load_model(model)
     r = render_logit_lens(lm.model, lm.tokenizer, text, out, positions, top_k)
     last = [row[-1][0] for row in r["top_tokens"]]
     print(
@@ -90,7 +84,7 @@ def surprise_cmd(
     """
     from yuyan.interpret.surprise import render_surprise
 
-    lm = _load(model)
+    lm = load_model(model)
     r = render_surprise(lm.model, lm.tokenizer, text, out, top)
     print(f"mean loss {r['mean_loss']:.3f} nats/token, {r['bits_per_byte']:.3f} bits/byte; hardest tokens:")
     for h in r["hardest"]:
@@ -117,7 +111,7 @@ def attribution_cmd(
     """
     from yuyan.interpret.attribution import Decision, render_attribution
 
-    lm = _load(model)
+    lm = load_model(model)
     if lm.meta.get("task") == "classify":
         from yuyan.model.heads import Classifier
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from yuyan.cli import app
+from yuyan.cli.app import app
+from yuyan.cli.common import load_model
 
 convert_app = typer.Typer(
     help="Convert models between Hugging Face folders and yuyan checkpoints.", no_args_is_help=True
@@ -47,9 +48,8 @@ def to_hf_cmd(
 
     Example: yuyan convert to-hf ./ckpt/demo ./demo-hf
     """
-    from yuyan.model import load
     from yuyan.model.hf import export_hf, hf_family
 
-    lm = load(src)
+    lm = load_model(src)
     path = export_hf(lm, None, out, family=family)
     print(f"wrote {path} (model_type {hf_family(lm.model.config)})")

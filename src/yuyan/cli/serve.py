@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import typer
 
-from yuyan.cli import app
+from yuyan.cli.app import app
+from yuyan.cli.common import MODEL, load_model
 
 
 @app.command("serve")
 def serve_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="checkpoint folder, Hugging Face folder or hf:NAME"),
+    model: str = MODEL,
     host: str = typer.Option(
         "127.0.0.1", help="address to listen on (non-loopback needs --api-key or --insecure)"
     ),
@@ -35,6 +36,12 @@ def serve_cmd(
     ),
     max_n: int = typer.Option(8, help="most completions (n x prompts) per request"),
     max_connections: int = typer.Option(128, help="requests in flight besides /health; more get 429"),
+    sliding_window: bool = typer.Option(
+        False,
+        "--sliding-window",
+        help="let requests generate past the context by dropping the oldest tokens (a request's "
+        "sliding_window field overrides this; off keeps OpenAI's contract: prompt + max_tokens must fit)",
+    ),
     insecure: bool = typer.Option(
         False, "--insecure", help="allow a non-loopback address without an API key"
     ),
@@ -56,7 +63,6 @@ def serve_cmd(
     import uvicorn
 
     from yuyan.errors import UserError
-    from yuyan.model import load
     from yuyan.serve import ServeConfig, check_bind, create_app
 
     check_bind(host, api_key, insecure)
@@ -70,7 +76,7 @@ def serve_cmd(
             raise UserError(f"--{name} must be >= 1, got {v}")
     if max_queue < 0 or (max_tokens_limit is not None and max_tokens_limit < 1):
         raise UserError("--max-queue must be >= 0 and --max-tokens-limit >= 1")
-    lm = load(model, device=device)
+    lm = load_model(model, device=device)
     cfg = ServeConfig(
         model_name=model_name or Path(str(lm.path)).name or "yuyan",
         api_key=api_key,
@@ -80,6 +86,7 @@ def serve_cmd(
         max_tokens_limit=max_tokens_limit,
         max_n=max_n,
         max_connections=max_connections,
+        sliding_window=sliding_window,
     )
     # the scheduler thread and the HTTP event loop hand the GIL to each other at every token; Python's
     # default 5 ms switch interval made each wait up to 5 ms (measured: 1-client tokens/s x1.9 at 0.5 ms)

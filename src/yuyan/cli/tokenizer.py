@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from yuyan.cli import app
+from yuyan.cli.app import app
 from yuyan.errors import UserError
 
 tok_app = typer.Typer(help="Train, inspect and use byte-level BPE tokenizers.", no_args_is_help=True)
