@@ -204,3 +204,12 @@ def test_logprobs_and_stop_strings_in_the_output(tiny_checkpoint, capsys):
     assert code == 0 and json.loads(out)["completions"][0]["text"] == full[:cut]
     code, _, err = _in_process(capsys, *args[:-1], "--logprobs", "2")
     assert code == 2 and err.startswith("error: --logprobs") and "--json" in err
+
+
+def test_eval_scores_given_predictions_without_generation_options(capsys, tmp_path):
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"prediction": "a cat", "reference": "a cat"}) + "\n", encoding="utf-8")
+    code, _, err = _in_process(capsys, "eval", "bleu", "--predictions", preds, "--temperature", "0.5")
+    assert code == 2 and err.startswith("error: --predictions are scored as given; drop --temperature")
+    code, out, err = _in_process(capsys, "eval", "bleu", "--predictions", preds)
+    assert code == 0, err

@@ -140,7 +140,7 @@ def _pairs(
         changed = {k for k, v in gen.to_dict().items() if v != EVAL_CONFIG.to_dict()[k]}
         if changed:
             raise UserError(
-                f"--predictions are scored as given; {setting_flags(changed)} apply only when generating from --data"
+                f"--predictions are scored as given; drop {setting_flags(changed)} (for generating from --data)"
             )
         rows = _read_jsonl(predictions)
         return (

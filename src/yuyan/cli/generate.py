@@ -71,7 +71,7 @@ def generate_cmd(
     if stream and as_json:
         raise UserError("--stream prints one prompt's text: drop --json, or --stream for JSON lines")
     if gen.logprobs is not None and not as_json:
-        raise UserError("--logprobs are written in the --json output: add --json")
+        raise UserError("--logprobs are written in the --json output: add --json (without --stream)")
     prompts = _read_prompts(prompt, prompts_file)
     if stream and len(prompts) != 1:
         raise UserError("--stream prints one prompt's text: give a single prompt")
