@@ -150,7 +150,9 @@ def main() -> None:
 
 
 def _run_ours(model: Transformer, prompts: torch.Tensor, new: int, speculative: int = 0):
-    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_token_ids=[], speculative=speculative)
+    cfg = GenerationConfig.from_dict(
+        dict(max_new_tokens=new, temperature=0, stop_token_ids=[], speculative=speculative)
+    )
     return generate(model, None, prompts.tolist(), cfg)
 
 

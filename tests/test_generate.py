@@ -9,7 +9,7 @@ from tests.conftest import tiny_config
 
 from yuyan.errors import UserError
 from yuyan.generate import Completion, GenerationConfig, generate, generate_naive, stream
-from yuyan.generate.engine import _decode
+from yuyan.generate.engine import decoder
 from yuyan.model.transformer import Transformer
 
 GREEDY = dict(temperature=0, stop_token_ids=[])
@@ -76,11 +76,13 @@ def test_cached_logits_equal_uncached(family):
     model = _model(family)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22, 23]]
     seen = []
-    cfg = GenerationConfig(max_new_tokens=12, **GREEDY)
-    for rows in _decode(
-        model, None, prompts, cfg, on_logits=lambda live, lg: seen.append((list(live), lg.clone()))
-    ):
-        final = rows
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=12, **GREEDY))
+    core, rows = decoder(model, None, prompts, cfg)
+    every = [r for rs in rows for r in rs]
+    while core.rows:
+        seen.append(([every.index(r) for r in core.rows], core.logits.clone()))
+        core.step()
+    final = every
     assert len(seen) == 12
     with torch.no_grad():
         for step, (live, logits) in enumerate(seen):
@@ -96,7 +98,7 @@ def test_greedy_matches_transformers(family):
     ref = hf.generate(
         torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
     )[0, len(prompt) :].tolist()
-    got = generate(ours, None, [prompt], GenerationConfig(max_new_tokens=20, **GREEDY))[0][0]
+    got = generate(ours, None, [prompt], GenerationConfig.from_dict(dict(max_new_tokens=20, **GREEDY)))[0][0]
     assert got.token_ids == ref and got.finish_reason == "length"
     assert generate_naive(ours, prompt, 20) == ref
 
@@ -106,7 +108,9 @@ def test_beam_search_matches_transformers(early_stopping, length_penalty):
     hf, ours = _hf_pair("llama", vocab=48)
     prompt = [5, 17, 33, 2, 41, 9]
     # the most likely first continuations become end-of-sequence tokens so that beams finish early
-    eos = generate(ours, None, [prompt], GenerationConfig(max_new_tokens=3, **GREEDY))[0][0].token_ids[1:3]
+    eos = generate(ours, None, [prompt], GenerationConfig.from_dict(dict(max_new_tokens=3, **GREEDY)))[0][
+        0
+    ].token_ids[1:3]
     kw = dict(num_beams=4, max_new_tokens=10, length_penalty=length_penalty, early_stopping=early_stopping)
     ref = hf.generate(
         torch.tensor([prompt]),
@@ -116,7 +120,9 @@ def test_beam_search_matches_transformers(early_stopping, length_penalty):
         num_return_sequences=2,
         **kw,
     )[:, len(prompt) :].tolist()
-    got = generate(ours, None, [prompt], GenerationConfig(temperature=0, stop_token_ids=eos, n=2, **kw))[0]
+    got = generate(
+        ours, None, [prompt], GenerationConfig.from_dict(dict(temperature=0, stop_token_ids=eos, n=2, **kw))
+    )[0]
     for r, g in zip(ref, got, strict=True):
         r = [t for t in r]
         while r and r[-1] == eos[0] and len(r) > len(g.token_ids) + (g.finish_reason == "stop"):
@@ -128,7 +134,9 @@ def test_beam_search_matches_transformers(early_stopping, length_penalty):
 def test_beam_search_without_eos_matches_transformers():
     hf, ours = _hf_pair("gpt2")
     prompts = [[5, 17, 33, 2, 41, 9], [7, 8]]
-    got = generate(ours, None, prompts, GenerationConfig(num_beams=4, max_new_tokens=8, **GREEDY))
+    got = generate(
+        ours, None, prompts, GenerationConfig.from_dict(dict(num_beams=4, max_new_tokens=8, **GREEDY))
+    )
     for p, g in zip(prompts, got, strict=True):
         ref = hf.generate(
             torch.tensor([p]),
@@ -145,8 +153,10 @@ def test_batched_prompts_equal_alone(family):
     model = _model(family)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [40], [11, 12, 13]]
     for cfg in (
-        GenerationConfig(max_new_tokens=10, **GREEDY),
-        GenerationConfig(max_new_tokens=10, temperature=0.9, top_k=20, seed=3, stop_token_ids=[]),
+        GenerationConfig.from_dict(dict(max_new_tokens=10, **GREEDY)),
+        GenerationConfig.from_dict(
+            dict(max_new_tokens=10, temperature=0.9, top_k=20, seed=3, stop_token_ids=[])
+        ),
     ):
         batched = generate(model, None, prompts, cfg)
         for p, b in zip(prompts, batched, strict=True):
@@ -155,12 +165,14 @@ def test_batched_prompts_equal_alone(family):
 
 def test_seeds_reproducible_and_n_samples():
     model = _model("gpt2")
-    cfg = GenerationConfig(max_new_tokens=12, temperature=1.5, n=3, seed=11, stop_token_ids=[])
+    cfg = GenerationConfig.from_dict(
+        dict(max_new_tokens=12, temperature=1.5, n=3, seed=11, stop_token_ids=[])
+    )
     a = generate(model, None, [[1, 2, 3]], cfg)[0]
     b = generate(model, None, [[1, 2, 3]], cfg)[0]
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert len({tuple(c.token_ids) for c in a}) == 3  # the n samples differ
-    other = generate(model, None, [[1, 2, 3]], GenerationConfig(**{**cfg.__dict__, "seed": 12}))[0]
+    other = generate(model, None, [[1, 2, 3]], cfg.with_sampling(seed=12))[0]
     assert [c.token_ids for c in other] != [c.token_ids for c in a]
 
 
@@ -168,16 +180,21 @@ def test_sliding_window_runs_past_context(family):
     model = _model(family, block_size=16)
     prompt = list(range(1, 21))  # longer than the context: truncated from the left
     with pytest.warns(UserWarning, match="truncated"):
-        got = generate(model, None, [prompt, [3, 4]], GenerationConfig(max_new_tokens=64, **GREEDY))
+        got = generate(
+            model, None, [prompt, [3, 4]], GenerationConfig.from_dict(dict(max_new_tokens=64, **GREEDY))
+        )
     assert [len(g[0].token_ids) for g in got] == [64, 64]
     assert got[0][0].token_ids == generate_naive(model, prompt, 64)
     assert got[1][0].token_ids == generate_naive(model, [3, 4], 64)
     no_window = generate(
-        model, None, [[3, 4]], GenerationConfig(max_new_tokens=64, sliding_window=False, **GREEDY)
+        model,
+        None,
+        [[3, 4]],
+        GenerationConfig.from_dict(dict(max_new_tokens=64, sliding_window=False, **GREEDY)),
     )
     assert len(no_window[0][0].token_ids) == 15 and no_window[0][0].finish_reason == "length"
     with pytest.raises(UserError, match="longer than the context"):
-        generate(model, None, [prompt], GenerationConfig(context_overflow="error", **GREEDY))
+        generate(model, None, [prompt], GenerationConfig.from_dict(dict(context_overflow="error", **GREEDY)))
 
 
 @pytest.mark.parametrize(
@@ -196,26 +213,39 @@ def test_sliding_window_runs_past_context(family):
 )
 def test_invalid_settings_raise(kw):
     with pytest.raises(UserError):
-        generate(_model("gpt2"), None, [[1]], GenerationConfig(**kw))
+        generate(_model("gpt2"), None, [[1]], GenerationConfig.from_dict(dict(**kw)))
 
 
 # --------------------------------------------------------------------------- text: stops, streaming, logprobs
 def test_stop_strings_and_tokens(tokenizer):
     model = _model("gpt2", vocab_size=tokenizer.vocab_size)
-    base = generate(model, tokenizer, ["def f"], GenerationConfig(max_new_tokens=30, **GREEDY))[0][0]
+    base = generate(
+        model, tokenizer, ["def f"], GenerationConfig.from_dict(dict(max_new_tokens=30, **GREEDY))
+    )[0][0]
     assert len(base.text) > 6
     stop = base.text[3:6]
-    cut = generate(model, tokenizer, ["def f"], GenerationConfig(max_new_tokens=30, stop=[stop], **GREEDY))[
-        0
-    ][0]
+    cut = generate(
+        model,
+        tokenizer,
+        ["def f"],
+        GenerationConfig.from_dict(dict(max_new_tokens=30, stop=[stop], **GREEDY)),
+    )[0][0]
     assert cut.text == base.text[: base.text.find(stop)] and cut.finish_reason == "stop"
     pieces = list(
-        stream(model, tokenizer, "def f", GenerationConfig(max_new_tokens=30, stop=[stop], **GREEDY))
+        stream(
+            model,
+            tokenizer,
+            "def f",
+            GenerationConfig.from_dict(dict(max_new_tokens=30, stop=[stop], **GREEDY)),
+        )
     )
     assert "".join(pieces) == cut.text and all(stop not in p for p in pieces)
     tid = base.token_ids[4]
     by_id = generate(
-        model, tokenizer, ["def f"], GenerationConfig(max_new_tokens=30, temperature=0, stop_token_ids=[tid])
+        model,
+        tokenizer,
+        ["def f"],
+        GenerationConfig.from_dict(dict(max_new_tokens=30, temperature=0, stop_token_ids=[tid])),
     )[0][0]
     assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[: base.token_ids.index(tid)]
 
@@ -242,14 +272,14 @@ def test_stream_chinese_whole_characters(tokenizer):
     p_ids, a_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
     assert len(a_ids) > len(answer) // 2  # many characters span several byte-level tokens
     model = _Scripted(tokenizer.vocab_size, p_ids + a_ids).eval()
-    cfg = GenerationConfig(max_new_tokens=len(a_ids), **GREEDY)
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=len(a_ids), **GREEDY))
     full = generate(model, tokenizer, [prompt], cfg)[0][0]
     assert full.token_ids == a_ids and full.text == answer
     pieces = list(stream(model, tokenizer, prompt, cfg))
     assert "".join(pieces) == answer and len(pieces) > 5
     assert all("\ufffd" not in p for p in pieces)
     # a stop string in the middle: cut there, and no piece ever shows its beginning
-    cfg = GenerationConfig(max_new_tokens=len(a_ids), stop=["生成文"], **GREEDY)
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=len(a_ids), stop=["生成文"], **GREEDY))
     pieces = list(stream(model, tokenizer, prompt, cfg))
     assert (
         "".join(pieces)
@@ -261,7 +291,9 @@ def test_stream_chinese_whole_characters(tokenizer):
 
 def test_logprobs_reported(family):
     model = _model(family)
-    out = generate(model, None, [[1, 2, 3]], GenerationConfig(max_new_tokens=5, logprobs=3, **GREEDY))[0][0]
+    out = generate(
+        model, None, [[1, 2, 3]], GenerationConfig.from_dict(dict(max_new_tokens=5, logprobs=3, **GREEDY))
+    )[0][0]
     assert isinstance(out, Completion) and len(out.logprobs) == 5
     with torch.no_grad():
         seq = [1, 2, 3]
@@ -274,9 +306,14 @@ def test_logprobs_reported(family):
 
 def test_penalties_change_greedy_output():
     model = _model("gpt2")
-    plain = generate(model, None, [[1, 2]], GenerationConfig(max_new_tokens=20, **GREEDY))[0][0].token_ids
+    plain = generate(model, None, [[1, 2]], GenerationConfig.from_dict(dict(max_new_tokens=20, **GREEDY)))[0][
+        0
+    ].token_ids
     pen = generate(
-        model, None, [[1, 2]], GenerationConfig(max_new_tokens=20, repetition_penalty=50.0, **GREEDY)
+        model,
+        None,
+        [[1, 2]],
+        GenerationConfig.from_dict(dict(max_new_tokens=20, repetition_penalty=50.0, **GREEDY)),
     )[0][0].token_ids
     assert len(set(pen)) == 20 and 1 not in pen and 2 not in pen  # nothing seen may repeat
     assert len(set(plain)) < 20
@@ -289,7 +326,7 @@ def test_decode_layout_keeps_values_outputs_training_and_checkpoints(
     """generate() swaps in DecodeLinear (the decode kernel) or, without the kernel, stores linear weights
     column-major for MKL's skinny products; nothing else may change."""
     from yuyan.generate import kernels
-    from yuyan.generate.engine import decode_layout
+    from yuyan.generate.kernels import decode_layout
     from yuyan.model.checkpoint import load_checkpoint, save_checkpoint
 
     if kernel == "on":
@@ -311,7 +348,7 @@ def test_decode_layout_keeps_values_outputs_training_and_checkpoints(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True)
     )
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
-    cfg = GenerationConfig(max_new_tokens=10, **GREEDY)
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=10, **GREEDY))
     assert generate(model, None, [[1, 2, 3]], cfg)[0][0].token_ids == generate_naive(ref, [1, 2, 3], 10)
     decode_layout(model)  # idempotent
     assert layout(model.layers[0].mlp.up_proj.weight)
@@ -333,14 +370,27 @@ def test_stream_releases_held_back_text_at_the_end(tokenizer):
     prompt, answer = "语言模型", "是一种概率模型。"
     p_ids, a_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
     model = _Scripted(tokenizer.vocab_size, p_ids + a_ids).eval()
-    cfg = GenerationConfig(
-        max_new_tokens=len(a_ids), stop=["。Z"], **GREEDY
+    cfg = GenerationConfig.from_dict(
+        dict(max_new_tokens=len(a_ids), stop=["。Z"], **GREEDY)
     )  # the text ends with a stop prefix
     assert (
         "".join(stream(model, tokenizer, prompt, cfg))
         == answer
         == generate(model, tokenizer, [prompt], cfg)[0][0].text
     )
+
+
+def _speculate(model, draft, prompts, cfg) -> list:
+    """Run prompts to the end through a core that drafts with `draft`; the rows, prompt by prompt."""
+    from yuyan.generate.core import Decoder
+    from yuyan.generate.speculative import Speculator
+
+    capacity = max(map(len, prompts)) + cfg.max_new_tokens + cfg.speculative + 1
+    core = Decoder(model, None, len(prompts), capacity, Speculator(draft, cfg.speculative))
+    rows = [rs[0] for rs in core.admit(prompts, [cfg] * len(prompts))]
+    while core.rows:
+        core.step()
+    return rows
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -354,27 +404,29 @@ def test_speculative_decoding_equals_plain_greedy(family):
     torch.manual_seed(1)
     unrelated = Transformer(tiny_config(family)).eval()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
-    free = generate(model, None, prompts, GenerationConfig(max_new_tokens=24, **GREEDY))
+    free = generate(model, None, prompts, GenerationConfig.from_dict(dict(max_new_tokens=24, **GREEDY)))
     stops = [[], [free[1][0].token_ids[6], free[0][0].token_ids[10]]]
     for stop in stops:
         for most in (1, 7, 24):
-            cfg = GenerationConfig(max_new_tokens=most, temperature=0, stop_token_ids=stop)
+            cfg = GenerationConfig.from_dict(dict(max_new_tokens=most, temperature=0, stop_token_ids=stop))
             want = [(c[0].token_ids, c[0].finish_reason) for c in generate(model, None, prompts, cfg)]
             if stop and most == 24:  # the stop tokens really end rows
                 assert [r for _, r in want].count("stop") >= 2
             for draft in (speculative.int8_draft(model), unrelated):
                 for k in (1, 2, 4):
                     cfg.speculative = k
-                    *_, rows = speculative.decode(model, draft, None, prompts, cfg)
-                    got = [(c.token_ids, c.finish_reason) for c in (r.completion(set(stop)) for r in rows)]
+                    rows = _speculate(model, draft, prompts, cfg)
+                    got = [(c.token_ids, c.finish_reason) for c in (r.completion() for r in rows)]
                     assert got == want, (stop, most, k)
     # generate() uses it when asked and it applies; sampling, or no room in the context, decode normally
-    cfg = GenerationConfig(max_new_tokens=10, speculative=3, **GREEDY)
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=10, speculative=3, **GREEDY))
     assert speculative.usable(model, prompts, cfg)
     assert generate(model, None, prompts, cfg)[1][0].token_ids == free[1][0].token_ids[:10]
-    assert not speculative.usable(model, prompts, GenerationConfig(max_new_tokens=10, speculative=3))
     assert not speculative.usable(
-        model, prompts, GenerationConfig(max_new_tokens=60, speculative=3, **GREEDY)
+        model, prompts, GenerationConfig.from_dict(dict(max_new_tokens=10, speculative=3))
+    )
+    assert not speculative.usable(
+        model, prompts, GenerationConfig.from_dict(dict(max_new_tokens=60, speculative=3, **GREEDY))
     )
     with pytest.raises(UserError, match="speculative"):
-        GenerationConfig(speculative=-1).validate()
+        GenerationConfig.from_dict(dict(speculative=-1)).validate()

@@ -11,7 +11,7 @@ from tests.conftest import tiny_config
 from torch import nn
 
 from yuyan.generate import GenerationConfig, generate, generate_naive, kernels
-from yuyan.generate.engine import decode_layout
+from yuyan.generate.kernels import decode_layout
 from yuyan.generate.kernels import MAX_ROWS, DecodeLinear
 from yuyan.model.transformer import Transformer
 
@@ -96,7 +96,7 @@ def test_decode_layout_with_kernel_keeps_parameters_and_greedy_tokens(op, family
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True)
     )
-    cfg = GenerationConfig(max_new_tokens=24, temperature=0, stop_token_ids=[])
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=24, temperature=0, stop_token_ids=[]))
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]  # batched rows of different lengths
     got = [c[0].token_ids for c in generate(model, None, prompts, cfg)]
     assert got == [generate_naive(ref, p, 24) for p in prompts]
@@ -120,7 +120,7 @@ def test_without_the_kernel_decoding_uses_column_major_torch_products(no_kernel)
     assert not any(isinstance(m, DecodeLinear) for m in model.modules())
     w = model.layers[0].self_attn.q_proj.weight
     assert w.stride() == (1, w.shape[0])
-    cfg = GenerationConfig(max_new_tokens=16, temperature=0, stop_token_ids=[])
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=16, temperature=0, stop_token_ids=[]))
     assert generate(model, None, [[1, 2, 3]], cfg)[0][0].token_ids == generate_naive(ref, [1, 2, 3], 16)
 
 
@@ -135,7 +135,7 @@ def test_a_failed_build_warns_once_and_decoding_falls_back(monkeypatch):
     assert kernels.skinny_linear_op() is None  # decided once per process: no second warning or build
     model, ref = _pair("llama")
     decode_layout(model)
-    cfg = GenerationConfig(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=8, temperature=0, stop_token_ids=[]))
     assert generate(model, None, [[3, 4]], cfg)[0][0].token_ids == generate_naive(ref, [3, 4], 8)
 
 

@@ -38,6 +38,9 @@ def test_quantized_model_decodes_close_to_float(family):
     kl = (ref.exp() * (ref - out)).sum(-1).mean()
     assert kl < 1e-3
     got = generate(
-        model, None, [[1, 2, 3]], GenerationConfig(max_new_tokens=5, temperature=0, stop_token_ids=[])
+        model,
+        None,
+        [[1, 2, 3]],
+        GenerationConfig.from_dict(dict(max_new_tokens=5, temperature=0, stop_token_ids=[])),
     )
     assert len(got[0][0].token_ids) == 5

@@ -18,7 +18,7 @@ import time
 import torch
 
 from yuyan.errors import UserError
-from yuyan.generate.engine import decode_layout
+from yuyan.generate.kernels import decode_layout
 from yuyan.model.flops import flops_per_token, num_params
 from yuyan.model.kv_cache import KVCache
 from yuyan.model.transformer import Transformer

@@ -130,4 +130,31 @@ class DecodeLinear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-__all__ = ["MAX_ROWS", "SUPPORTED", "DecodeLinear", "skinny_linear_op"]
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Lay a CPU model out for decoding, in place; idempotent. Values, parameters, state dict and training
+    are unchanged.
+
+    float32 linear layers become `kernels.DecodeLinear` (the same nn.Linear, whose skinny inference products
+    run through the decode kernel compiled for this CPU). Where that kernel is off or cannot be built, every
+    linear weight is stored column-major instead: the same (out, in) tensor kept in memory as its
+    contiguous (in, out) transpose, so F.linear runs x @ W^T as a plain product with a contiguous (in, out)
+    matrix, which MKL's small-M product streams faster (GPT-2's lm_head at 8 rows 21.7 -> 10.6 ms on the
+    Intel VM of BENCHMARKS.md "## Generation"; Hugging Face GPT-2 keeps its Conv1D weights this way).
+    Tied weights are re-laid once.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return model
+    linears = [m for m in model.modules() if type(m) in (nn.Linear, DecodeLinear) and m.weight.shape[0] > 1]
+    op = skinny_linear_op() if any(m.weight.dtype == torch.float32 for m in linears) else None
+    with torch.no_grad():
+        for m in linears:
+            if op is not None and m.weight.dtype == torch.float32:
+                if not m.weight.is_contiguous():
+                    m.weight.data = m.weight.data.contiguous()
+                m.__class__ = DecodeLinear
+            elif m.weight.is_contiguous():
+                m.weight.data = m.weight.data.t().contiguous().t()
+    return model
+
+
+__all__ = ["decode_layout", "MAX_ROWS", "SUPPORTED", "DecodeLinear", "skinny_linear_op"]

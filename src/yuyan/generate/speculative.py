@@ -1,30 +1,33 @@
-"""Greedy speculative decoding with the model's own int8 copy as the draft (self-speculation).
+"""Greedy speculative decoding with the model's own int8 copy as the draft: a step strategy of the core.
 
 Decoding one token on a CPU reads every weight once, so a step costs about the same for 1 token as for a few:
 on the 124M shape 28 ms for one token and 44 ms for four (BENCHMARKS.md "## Generation"). The int8 copy
 (`quantize_int8`) reads a quarter of the bytes and proposes `k` tokens one by one; the float model then scores
-the current token and the k proposals in a single forward pass and keeps the longest prefix it agrees with
-plus its own next token. Every emitted token is the float model's own greedy choice, so the output is the
-plain greedy output (up to float rounding between a 1-token and a (k+1)-token pass, the same tolerance as
-cached vs uncached decoding); only the speed depends on how often the draft agrees.
+the newest token and the k proposals in a single forward pass and keeps the longest prefix it agrees with;
+its logits after that prefix give the next token, chosen by the core like any other. Every emitted token is
+the float model's own greedy choice, so the output is the plain greedy output (up to float rounding between
+a 1-token and a (k+1)-token pass, the same tolerance as cached vs uncached decoding); only the speed
+depends on how often the draft agrees.
 
-Both caches hold every token of a row except the newest (`cur`). After a round in which all k proposals were
-kept, the draft has not yet seen the last one, so that row feeds two tokens to the draft next time; rows are
-right-padded to the longest pending feed (junk slots lie past a row's length and are overwritten later).
+The draft keeps its own cache, packed like the core's (the strategy hears of admitted, moved and
+re-windowed rows). Row b's draft cache always holds a prefix of its window; the rest (`pending`, at least
+the newest token) is fed at the start of the next round, so a new or re-windowed row simply starts empty.
+A step in which some row samples, wants logprobs or penalties, or has no room for k more tokens runs the
+plain forward pass instead, and the draft catches up later through `pending`.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from yuyan.generate.engine import GenerationConfig, Row, _cache_dtype, _device, _stop_ids, extend, prefill
+from yuyan.generate.config import GenerationConfig
+from yuyan.generate.core import Decoder, Forward, cache_dtype, extend, forward, model_device
 from yuyan.generate.kernels import DecodeLinear
-from yuyan.model.transformer import KVCache, Transformer
-from yuyan.tokenizer import Tokenizer
+from yuyan.model.kv_cache import KVCache
+from yuyan.model.transformer import Transformer
 
 _DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -51,10 +54,10 @@ def int8_draft(model: Transformer) -> nn.Module:
 
 def usable(model: Transformer, prompts: list[list[int]], config: GenerationConfig) -> bool:
     """Speculation covers plain greedy decoding of a float32 CPU model (int8 drafts are fbgemm, CPU kernels)
-    that fits the context; anything else decodes normally."""
+    that fits the context; anything else decodes normally (with the same output)."""
     if config.speculative == 0 or not prompts:  # the common case: decided before looking at the model
         return False
-    sp = config.sampling_params()
+    sp = config.sampling
     return (
         type(model) is Transformer  # no LoRA or int8 layers: an int8 copy can be made of it
         and all(
@@ -62,87 +65,75 @@ def usable(model: Transformer, prompts: list[list[int]], config: GenerationConfi
             for m in model.modules()
             if type(m).__name__.endswith("Linear")
         )
-        and _device(model).type == "cpu"
-        and _cache_dtype(model) == torch.float32
-        and (config.num_beams, config.n, config.temperature, config.logprobs) == (1, 1, 0, None)
+        and model_device(model).type == "cpu"
+        and cache_dtype(model) == torch.float32
+        and (config.num_beams, sp.n, sp.temperature, config.logprobs) == (1, 1, 0, None)
         and (sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty) == (1.0, 0.0, 0.0)
         and max(len(p) for p in prompts) + config.max_new_tokens + config.speculative + 1
         <= model.config.block_size
     )
 
 
-@torch.inference_mode()
-def decode(
-    model: Transformer,
-    draft: nn.Module,
-    tokenizer: Tokenizer | None,
-    prompts: list[list[int]],
-    config: GenerationConfig,
-) -> Iterator[list[Row]]:
-    """Greedy decode of `prompts` with k = config.speculative draft tokens per round; yields the rows after
-    every round (for streaming), as the engine's `_decode` does after every step."""
-    k, dev, most = config.speculative, _device(model), config.max_new_tokens
-    stop_ids = _stop_ids(tokenizer, config)
-    rows = [Row(p, tokenizer, config.stop) for p in prompts]
-    yield rows
-    if most == 0:
-        return
+class Speculator(Forward):
+    """Draft k tokens per row with `draft` and verify them in one pass of the core's model."""
 
-    def emit(row: Row, tok: int) -> None:
-        if row.finish is not None or len(row.generated) >= most:
-            return
-        if tok in stop_ids:
-            row.generated.append(tok)
-            row.finish = "stop"
-        else:
-            row.add(tok)
+    def __init__(self, draft: nn.Module, k: int):
+        self.draft, self.k = draft, k
+        self.cache: KVCache | None = None
 
-    R, dt = len(rows), _cache_dtype(model)
-    max_len = max(len(p) for p in prompts) + most + k + 1
-    cache = KVCache(model.config, R, max_len=max_len, device=dev, dtype=dt)
-    dcache = KVCache(model.config, R, max_len=max_len, device=dev, dtype=dt)
-    cur = prefill(model, cache, list(range(R)), prompts).max(-1).indices.tolist()  # first greedy token
-    prefill(draft, dcache, list(range(R)), prompts)
-    pending = [[c] for c in cur]  # tokens the draft has not seen yet, per live row
-    live = list(range(R))
-    while True:
-        for i, rid in enumerate(live):  # the float model's own next token is always right
-            emit(rows[rid], cur[i])
-        done = {
-            i
-            for i, rid in enumerate(live)
-            if rows[rid].finish is not None or len(rows[rid].generated) >= most
-        }
-        if len(done) == len(live):
-            break
-        if done:  # drop finished rows from both caches
-            keep = [i for i in range(len(live)) if i not in done]
-            keep_t = torch.tensor(keep, device=dev)
-            cache.reorder(keep_t)
-            dcache.reorder(keep_t)
-            live, cur, pending = [live[i] for i in keep], [cur[i] for i in keep], [pending[i] for i in keep]
-        # the draft proposes k tokens, one at a time
-        proposals = [extend(draft, dcache, pending).max(-1).indices]
+    def _cache(self, core: Decoder) -> KVCache:
+        if self.cache is None:
+            self.cache = KVCache(
+                core.model.config,
+                core.max_rows,
+                capacity=core.capacity,
+                device=core.device,
+                dtype=cache_dtype(core.model),
+            )
+        return self.cache
+
+    def admitted(self, core: Decoder, first: int, count: int) -> None:
+        self._cache(core).lengths[first : first + count] = 0
+
+    def moved(self, core: Decoder, dst: int, src: int) -> None:
+        self._cache(core).copy_row(dst, self._cache(core), src)
+
+    def slid(self, core: Decoder, rows: list[int]) -> None:
+        self._cache(core).lengths[torch.tensor(rows, device=core.device)] = 0
+
+    def applies(self, core: Decoder) -> bool:
+        return (
+            all(
+                r.config.sampling.temperature == 0
+                and r.config.logprobs is None
+                and len(r.tokens) - r.start + self.k <= core.capacity  # cached window + cur + k proposals
+                for r in core.rows
+            )
+            and not core.sampling().use_penalties
+        )
+
+    def advance(self, core: Decoder, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.applies(core):
+            return forward(core.model, core.cache, tokens)
+        B, k, dc = len(core.rows), self.k, self._cache(core)
+        # the draft proposes k tokens, one at a time, after feeding what it has not seen of each row
+        pending = [r.tokens[r.start + d :] for r, d in zip(core.rows, dc.lengths[:B].tolist(), strict=True)]
+        proposals = [extend(self.draft, dc, pending).max(-1).indices]
         for _ in range(k - 1):
-            proposals.append(extend(draft, dcache, [[t] for t in proposals[-1].tolist()]).max(-1).indices)
+            proposals.append(extend(self.draft, dc, [[t] for t in proposals[-1].tolist()]).max(-1).indices)
         d = torch.stack(proposals, 1)  # (B, k)
-        # the float model scores cur and the k proposals in one pass
-        seq = torch.cat((torch.tensor(cur, device=dev)[:, None], d), 1)  # (B, k + 1)
-        g = model.lm_head(model.hidden(seq, cache=cache)).float().max(-1).indices  # (B, k + 1)
-        kept = (d == g[:, :-1]).long().cumprod(1).sum(1)  # (B,) leading proposals it agrees with
-        cache.advance(kept + 1)  # cur and the kept proposals; later slots are overwritten next round
-        a, d_list, g_list = kept.tolist(), d.tolist(), g.tolist()
-        for i, rid in enumerate(live):
-            for t in d_list[i][: a[i]]:
-                emit(rows[rid], t)
-        cur = [g_list[i][a[i]] for i in range(len(live))]
-        # the draft saw cur and proposals 1..k-1: when all k were kept it still owes the k-th
-        pending = [[d_list[i][k - 1], cur[i]] if a[i] == k else [cur[i]] for i in range(len(live))]
-        dcache.lengths = cache.lengths - torch.tensor([len(p) - 1 for p in pending], device=dev)
-        yield rows
-    for r in rows:
-        r.close()
-    yield rows
+        # the model scores the newest token and the k proposals in one pass
+        seq = torch.cat((tokens[:, None], d), 1)  # (B, k + 1)
+        L = core.cache.lengths[:B].clone()
+        pos = L[:, None] + torch.arange(k + 1, device=core.device)[None, :]
+        logits = core.model.lm_head(core.model.hidden(seq, pos=pos, cache=core.cache)).float()  # (B, k+1, V)
+        kept = (d == logits[:, :-1].max(-1).indices).long().cumprod(1).sum(1)  # (B,) agreeing proposals
+        core.cache.lengths[:B] = L + kept + 1  # later slots are overwritten next round
+        dc.lengths[:B] = torch.minimum(L + k, L + 1 + kept)  # the draft saw the newest and k - 1 proposals
+        for row, props, a in zip(core.rows, d.tolist(), kept.tolist(), strict=True):
+            for t in props[:a]:
+                row.take(t, core.capacity)
+        return logits[torch.arange(B, device=core.device), kept]
 
 
-__all__ = ["decode", "int8_draft", "usable"]
+__all__ = ["Speculator", "int8_draft", "usable"]

@@ -53,6 +53,14 @@ class KVCache:
     def advance(self, n: int | torch.Tensor) -> None:
         self.lengths += n
 
+    def rows(self, start: int, end: int) -> KVCache:
+        """Rows start..end-1 as a cache of their own that shares this one's storage (writes go through)."""
+        view = object.__new__(KVCache)
+        view.capacity = self.capacity
+        view.k, view.v = self.k[:, start:end], self.v[:, start:end]
+        view.lengths = self.lengths[start:end]
+        return view
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (beam search reordering, or dropping finished rows)."""
         self.k = self.k.index_select(1, index)

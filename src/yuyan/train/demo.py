@@ -88,10 +88,13 @@ def run_demo(
     lm = load(result["final_dir"])
     model, tok = lm.model, lm.tokenizer
     torch.manual_seed(0)
-    from yuyan.generate import GenerationConfig, generate
+    from yuyan.generate import GenerationConfig, SamplingParams, generate
 
     gen = generate(
-        model, tok, PROMPTS, GenerationConfig(max_new_tokens=64, temperature=0.7, top_k=40, seed=0)
+        model,
+        tok,
+        PROMPTS,
+        GenerationConfig(max_new_tokens=64, sampling=SamplingParams(temperature=0.7, top_k=40, seed=0)),
     )
     completions = [c[0].text for c in gen]
     samples = out / "samples.txt"

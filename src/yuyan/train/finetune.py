@@ -204,9 +204,11 @@ def docstring_scores(
 ) -> dict:
     """Greedy completions for docstring prompts, scored against the first docstring lines."""
     from yuyan.evaluate.text_metrics import bleu, rouge
-    from yuyan.generate.engine import GenerationConfig, generate
+    from yuyan.generate import GenerationConfig, SamplingParams, generate
 
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
+    gc = GenerationConfig(
+        max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=0.0), stop=["\n"]
+    )
     preds: list[str] = []
     for i in range(0, len(pairs), batch_size):
         chunk = [p["prompt"] for p in pairs[i : i + batch_size]]
