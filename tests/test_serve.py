@@ -1,7 +1,7 @@
 """Serving: the continuous-batching scheduler against the engine, and the HTTP server through the official
 `openai` client (completion and chat, streamed and not, stop strings, n > 1, API keys, 16 concurrent
-seeded clients equal to the same requests run alone), error shapes, 429 when the queue is full, and the
-`yuyan serve` command."""
+seeded clients equal to the same requests run alone, generation past the context with the sliding window
+equal to the engine's), error shapes, 429 when the queue is full, and the `yuyan serve` command."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import openai
 import pytest
 from tests._serve_util import serve, tiny_lm
 
-from yuyan.generate.engine import GenerationConfig, generate
+from yuyan.generate.config import GenerationConfig
+from yuyan.generate.engine import generate
 from yuyan.generate.sampling import SamplingParams
 from yuyan.generate.scheduler import Finished, QueueFull, Scheduler, SchedulerClosed, Token, run_to_completion
 from yuyan.model.checkpoint import save_checkpoint
@@ -30,7 +31,7 @@ PROMPTS = [f"def f{i}(x):\n    return x" + " +" * (i % 5) for i in range(16)]
 def _ref(lm, prompt, **kw) -> list:
     """The engine's completions for one prompt (text or ids): the reference the server must equal."""
     kw.setdefault("sliding_window", False)
-    return generate(lm.model, lm.tokenizer, [prompt], GenerationConfig(**kw))[0]
+    return generate(lm.model, lm.tokenizer, [prompt], GenerationConfig.from_dict(kw))[0]
 
 
 # ------------------------------------------------------------------------------------------ scheduler
@@ -59,7 +60,10 @@ def test_scheduler_matches_engine(tokenizer, family):
         )
         cases.append((tokenizer.encode(text), kw, 6 + i))
     with Scheduler(lm.model, tokenizer, max_batch=5, max_queue=64) as s:
-        handles = [s.submit(ids, SamplingParams(**kw), max_tokens=mt) for ids, kw, mt in cases]
+        handles = [
+            s.submit(ids, GenerationConfig(max_new_tokens=mt, sampling=SamplingParams(**kw)))
+            for ids, kw, mt in cases
+        ]
         results = [run_to_completion(h, timeout=120) for h in handles]
     for (ids, kw, mt), res in zip(cases, results, strict=True):
         ref = _ref(lm, ids, max_new_tokens=mt, **kw)
@@ -73,7 +77,7 @@ def test_scheduler_cancel_frees_row_and_queue_bounds(tokenizer):
     ids = tokenizer.encode("import os")
     s = Scheduler(lm.model, tokenizer, max_batch=1, max_queue=2)
     with pytest.raises(SchedulerClosed):
-        s.submit(ids, max_tokens=4)
+        s.submit(ids, GenerationConfig(max_new_tokens=4))
     with s:
         # a request that cancels itself at its 3rd token: its row leaves before a 4th token is sampled
         got: list = []
@@ -85,17 +89,21 @@ def test_scheduler_cancel_frees_row_and_queue_bounds(tokenizer):
                 holder["h"].cancel()
 
         gate = _hold(s)  # hold the scheduler thread so that the queue state is deterministic
-        holder["h"] = s.submit(ids, SamplingParams(temperature=0), max_tokens=50, stop_ids=[], emit=emit)
-        other = s.submit(ids, SamplingParams(temperature=0), max_tokens=5, stop_ids=[])
+        greedy = SamplingParams(temperature=0)
+        holder["h"] = s.submit(
+            ids, GenerationConfig(max_new_tokens=50, sampling=greedy, stop_token_ids=[]), emit=emit
+        )
+        other = s.submit(ids, GenerationConfig(max_new_tokens=5, sampling=greedy, stop_token_ids=[]))
         with pytest.raises(QueueFull):
-            s.submit(ids, max_tokens=4)
+            s.submit(ids, GenerationConfig(max_new_tokens=4))
         gate.set()
         fin = run_to_completion(other, timeout=60)  # max_batch 1: it only runs once the cancelled row left
         assert fin[0].completion_tokens == 5
         assert sum(isinstance(e, Token) for e in got) == 3 and not any(isinstance(e, Finished) for e in got)
-        for bad in [dict(max_tokens=0), dict(max_tokens=lm.model.config.block_size)]:
+        strict = dict(context_overflow="error", sliding_window=False)
+        for bad in [dict(max_new_tokens=0), dict(max_new_tokens=lm.model.config.block_size, **strict)]:
             with pytest.raises(Exception, match="max_tokens|context"):
-                s.submit(ids, **bad)
+                s.submit(ids, GenerationConfig(**bad))
         assert s.stats()["waiting"] == 0
 
 
@@ -254,6 +262,43 @@ def test_16_concurrent_streams_equal_sequential(server, client):
     assert out[:4] == ref
 
 
+def test_sliding_window_past_the_context_equals_generate(tokenizer, family):
+    """With `sliding_window: true` a completion runs past the context and gives exactly what generate()
+    gives with the sliding window, for learned and RoPE positions; without it the server keeps OpenAI's
+    contract (a 400), and `ServeConfig.sliding_window` turns it on for every request."""
+    prompt = PROMPTS[7]
+    with serve(tokenizer, family) as (base, lm, app):
+        C = app.state.scheduler.block_size
+        mt = 2 * C
+        n_prompt = len(lm.tokenizer.encode(prompt))
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt=prompt, max_tokens=mt)
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+        for kw in [dict(temperature=0.0), dict(temperature=1.0, seed=3)]:
+            ref = _ref(lm, prompt, max_new_tokens=mt, sliding_window=True, **kw)[0]
+            assert n_prompt + len(ref.token_ids) > C  # the window really slid
+            window = {"sliding_window": True}
+            r = c.completions.create(model="tiny", prompt=prompt, max_tokens=mt, extra_body=window, **kw)
+            assert r.choices[0].text == ref.text and r.choices[0].finish_reason == ref.finish_reason
+            assert r.usage.completion_tokens == len(ref.token_ids)
+            s = c.completions.create(
+                model="tiny", prompt=prompt, max_tokens=mt, extra_body=window, stream=True, **kw
+            )
+            texts, finish, _ = _stream_text(s, chat=False)
+            assert texts == {0: ref.text} and finish == {0: ref.finish_reason}
+    with serve(tokenizer, family, sliding_window=True) as (base, lm, app):
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        ref = _ref(lm, prompt, max_new_tokens=mt, sliding_window=True, temperature=0)[0]
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=mt, temperature=0)
+        assert r.choices[0].text == ref.text
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(
+                model="tiny", prompt=prompt, max_tokens=mt, extra_body={"sliding_window": False}
+            )
+        assert e.value.body["code"] == "context_length_exceeded"
+
+
 BAD = [
     ("/v1/completions", b"{not json", 400, "invalid_json"),
     ("/v1/completions", json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model_not_found"),
@@ -343,7 +388,7 @@ def test_queue_full_gives_429_with_retry_after(tokenizer):
         sched = app.state.scheduler
         gate = _hold(sched)  # the scheduler thread waits: requests stay queued
         ids = lm.tokenizer.encode("x")
-        first = sched.submit(ids, max_tokens=2)
+        first = sched.submit(ids, GenerationConfig(max_new_tokens=2))
         try:
             r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
             assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1

@@ -3,8 +3,8 @@
 Types are strict (a string where a number belongs is a 400, not silently coerced), numbers must be finite,
 every list and string that reaches the engine has a bound, and unknown fields are ignored (OpenAI clients
 send fields we do not use, such as `stream_options` extras). Field ranges follow OpenAI's documentation;
-`top_k`, `min_p` and `repetition_penalty` are extensions (as in vLLM). Responses are plain dicts built in
-app.py in OpenAI's shapes.
+`top_k`, `min_p`, `repetition_penalty` and `sliding_window` are extensions (as vLLM adds `top_k`).
+Responses are plain dicts built in protocol.py in OpenAI's shapes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class SamplingRequest(_Strict):
+    """The fields completions and chat requests share: the model, length, sampling and streaming."""
+
     model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -42,6 +44,12 @@ class _Sampling(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = Field(None, max_length=256)
+    sliding_window: bool | None = Field(
+        None,
+        description="yuyan extension: generate past the model's context by dropping the oldest tokens, so "
+        "prompt + max_tokens may exceed the context (default: the server's --sliding-window setting; off "
+        "keeps OpenAI's contract, where such a request is refused with context_length_exceeded)",
+    )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -49,7 +57,7 @@ class _Sampling(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(max_length=1_000_000)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
@@ -69,7 +77,7 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     logprobs: bool | None = False
@@ -93,6 +101,7 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "InspectRequest",
+    "SamplingRequest",
     "StreamOptions",
     "error_body",
 ]

@@ -1,0 +1,238 @@
+"""What stands in front of the server's routes: the `Guard` middleware, `ApiError` and the error handlers.
+
+`Guard` is one pure ASGI middleware with three bounds: an API key (`Authorization: Bearer` or `x-api-key`,
+compared with `hmac.compare_digest`) on everything but /health and the static playground; the requests in
+flight (429 + Retry-After; /health is never counted, so it answers under any load); and the request body
+(413), read whole before the app sees it so that no route ever parses an unbounded body.
+`install_error_handlers` turns every exception into OpenAI's error shape: bad input (a pydantic error,
+an `ApiError`, the generation core's `UserError`) is a 4xx, a full queue a 429, a shutdown a 503, and only
+a genuine bug a 500, which is logged. `check_bind` refuses to expose an unauthenticated server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from yuyan.errors import UserError
+from yuyan.generate.core import ContextLengthError
+from yuyan.generate.scheduler import QueueFull, SchedulerClosed
+from yuyan.serve.schemas import error_body
+
+log = logging.getLogger("yuyan.serve")
+PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # and /static/...: no key needed (no model access)
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: HTTP status, message, the offending parameter and a code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def user_error(e: UserError, prompt_param: str = "prompt") -> ApiError:
+    """The 400 for a setting the generation core refused. A context overflow names what to shorten: the
+    prompt (`prompt_param`: "prompt", or "messages" for chat) or max_tokens."""
+    if isinstance(e, ContextLengthError):
+        param = prompt_param if e.part == "prompt" else "max_tokens"
+        return ApiError(400, str(e), param, "context_length_exceeded")
+    return ApiError(400, str(e))
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to expose an unauthenticated server beyond this machine unless the user insists."""
+    if not is_loopback(host) and not api_key and not insecure:
+        raise UserError(
+            f"refusing to serve on non-loopback address {host!r} without an API key; "
+            "pass --api-key KEY (or YUYAN_API_KEY), bind 127.0.0.1, or add --insecure"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ the guard
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """Pure ASGI middleware: API key, requests in flight, and the request body size."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_connections: int, max_body_bytes: int):
+        self.app, self.max_connections, self.max_body_bytes = app, max_connections, max_body_bytes
+        self.key = api_key.encode() if api_key else None
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        refused = self._auth_error(path, headers)
+        if refused is None and path == "/health":
+            return await self.app(scope, receive, send)
+        if refused is None and self.in_flight >= self.max_connections:
+            refused = ApiError(
+                429,
+                "too many requests in flight; retry shortly",
+                code="too_many_requests",
+                type_="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
+        if refused is not None:
+            return await refused.response()(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self._forward(scope, receive, send, headers)
+        finally:
+            self.in_flight -= 1
+
+    def _auth_error(self, path: str, headers: dict[str, bytes]) -> ApiError | None:
+        if self.key is None or path in PUBLIC_PATHS or path.startswith("/static/"):
+            return None
+        auth = headers.get("authorization", b"")
+        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get("x-api-key", b"")
+        if hmac.compare_digest(given, self.key):
+            return None
+        msg = "incorrect API key provided" if given else "missing API key: send 'Authorization: Bearer KEY'"
+        return ApiError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, bytes]) -> None:
+        """Pass the request on; a body is read whole first (bounded) and replayed to the app."""
+        if scope.get("method") not in BODY_METHODS:
+            return await self.app(scope, receive, send)
+        try:
+            body = await self._read_body(receive, headers)
+        except _BodyTooLarge:
+            too_big = ApiError(
+                413,
+                f"request body is larger than the limit of {self.max_body_bytes} bytes; "
+                "send less (the server's --max-body-bytes)",
+                code="request_too_large",
+            )
+            return await too_big.response()(scope, receive, send)
+        if body is None:  # the client left while sending
+            return None
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+        if "content-type" not in headers:  # a JSON API: a body without a type is read as JSON
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+
+        async def receive_again():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, receive_again, send)
+
+    async def _read_body(self, receive: Receive, headers: dict[str, bytes]) -> bytes | None:
+        try:
+            declared = int(headers.get("content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        if declared > self.max_body_bytes:  # refused before a byte is read
+            raise _BodyTooLarge()
+        chunks, total = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            chunk = msg.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------------------------------ handlers
+def _json(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return e.response()
+
+
+async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+    """pydantic's first complaint, with the field path as OpenAI's `param`."""
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    if first.get("type") == "json_invalid":
+        return ApiError(
+            400, "the request body is not valid JSON; send a JSON object", code="invalid_json"
+        ).response()
+    param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+    msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+    return ApiError(400, msg[:500], param, first.get("type")).response()
+
+
+async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+    return _json(e.status_code, error_body(str(e.detail), kind, None, code), getattr(e, "headers", None))
+
+
+async def _user(request: Request, e: UserError) -> JSONResponse:
+    return user_error(e).response()
+
+
+async def _full(request: Request, e: QueueFull) -> JSONResponse:
+    return _json(
+        429, error_body(str(e), "rate_limit_error", None, "queue_full"), {"Retry-After": str(e.retry_after)}
+    )
+
+
+async def _closed(request: Request, e: SchedulerClosed) -> JSONResponse:
+    return _json(503, error_body(str(e), "server_error", None, "shutting_down"), {"Retry-After": "5"})
+
+
+async def _bug(request: Request, e: Exception) -> JSONResponse:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return _json(500, error_body("internal server error", "server_error", None, "internal_error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app can raise, answered in OpenAI's shape."""
+    for exc, handler in [
+        (ApiError, _api_error),
+        (RequestValidationError, _validation),
+        (StarletteHTTPException, _http),
+        (UserError, _user),
+        (QueueFull, _full),
+        (SchedulerClosed, _closed),
+        (Exception, _bug),
+    ]:
+        app.add_exception_handler(exc, handler)
+
+
+__all__ = ["ApiError", "Guard", "check_bind", "install_error_handlers", "is_loopback", "user_error"]

@@ -1,0 +1,35 @@
+"""The web playground's side of the server: where its static files live, and the attention view it draws.
+
+The page (static/) talks to the OpenAI endpoints like any client and to POST /v1/inspect/attention, whose
+answer `attention_view` computes on the scheduler thread (between two decode steps, so it never races a
+batch for the model): each layer's per-head attention over the last tokens, as integers 0..1000.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from yuyan.interpret.attention import attention_weights
+from yuyan.tokenizer import Tokenizer
+
+STATIC = Path(__file__).parent / "static"
+SCALE = 1000  # attention weights are sent as integers 0..SCALE (a third of the JSON of floats)
+
+
+def attention_view(model: nn.Module, tokenizer: Tokenizer, ids: list[int]) -> tuple[list[str], list]:
+    """(token pieces, layers[l][h][query][key]) of ids. Runs on the scheduler thread."""
+    text = tokenizer.decode(ids)
+    if tokenizer.encode(text) == ids:  # the interpret module's pieces name split characters
+        tokens, weights = attention_weights(model, tokenizer, text)
+    else:  # the last tokens of a text may start mid-character: the model's explicit attention path directly
+        att: list = []
+        with torch.no_grad():
+            model(torch.tensor([ids], device=next(model.parameters()).device), attn_weights=att)
+        tokens, weights = [tokenizer.id_to_piece(i) for i in ids], [a[0].float().cpu() for a in att]
+    return tokens, [(w * SCALE).round().to(torch.int32).tolist() for w in weights]
+
+
+__all__ = ["STATIC", "SCALE", "attention_view"]

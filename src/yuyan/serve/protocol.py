@@ -1,0 +1,387 @@
+"""OpenAI's API as plain functions: a request body becomes prompt ids and one `GenerationConfig`, and the
+scheduler's events become OpenAI's JSON chunks, server-sent events and final responses.
+
+Requests: a completions prompt is a text, a list of texts, a list of ids or a list of id lists (each one
+submission); chat messages go through the tokenizer's chat template and stop at its chat stop tokens.
+Every request gets `context_overflow="error"` (nothing is ever cut silently) and the sliding window of the
+request's `sliding_window` field, else the server's default; `max_tokens` defaults to 16 for completions
+and to the rest of the context for chat. What remains here is the server's policy (the model name,
+`max_tokens_limit`, `max_n`, the number of prompts); every generation setting is checked by the core when
+the job is submitted. Responses: a choice's index is `prompt index * n + choice index`; logprobs take
+OpenAI's two shapes (completions: parallel lists with text offsets; chat: one entry per token with bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from fastapi.responses import StreamingResponse
+
+from yuyan.errors import UserError
+from yuyan.generate.config import GenerationConfig
+from yuyan.generate.core import encode_prompt
+from yuyan.generate.scheduler import Finished, Token
+from yuyan.serve.config import ServeConfig
+from yuyan.serve.guards import ApiError
+from yuyan.serve.job import ClientGone, Job
+from yuyan.serve.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, SamplingRequest
+from yuyan.tokenizer import Tokenizer
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# the request fields that are `SamplingParams` fields of the same name and meaning (None: the default)
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+)
+
+
+# ------------------------------------------------------------------------------------------------ requests
+def check_model(name: str | None, config: ServeConfig) -> None:
+    if name is not None and name != config.model_name:
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist; this server serves {config.model_name!r}",
+            "model",
+            "model_not_found",
+        )
+
+
+def _check_n(n: int, prompts: int, config: ServeConfig) -> None:
+    if n * prompts > config.max_n:
+        raise ApiError(
+            400,
+            f"{n * prompts} completions requested (n={n} x {prompts} prompts); this server "
+            f"returns at most {config.max_n} per request",
+            "n",
+            "too_many_completions",
+        )
+
+
+def _max_new_tokens(asked: int | None, default: int, config: ServeConfig) -> int:
+    """The request's max_tokens, or the default; both bounded by the server's max_tokens_limit."""
+    limit = config.max_tokens_limit
+    if asked is None:  # a default never exceeds the limit; at least 1 so the core reports a full context
+        return max(1, min(default, limit or default))
+    if limit is not None and asked > limit:
+        raise ApiError(
+            400,
+            f"max_tokens is {asked} but this server allows at most {limit}; lower it",
+            "max_tokens",
+            "max_tokens_too_large",
+        )
+    return asked
+
+
+def _sliding_window(body: SamplingRequest, config: ServeConfig) -> bool:
+    return config.sliding_window if body.sliding_window is None else body.sliding_window
+
+
+def generation_config(
+    body: SamplingRequest,
+    config: ServeConfig,
+    max_new_tokens: int,
+    logprobs: int | None,
+    stop_token_ids: list[int] | None = None,
+) -> GenerationConfig:
+    """One request's settings: the sampling fields it gave, its stops and logprobs, and the context rule
+    of the server's OpenAI contract. Not validated here: `Scheduler.submit` does that."""
+    given = {k: getattr(body, k) for k in SAMPLING_FIELDS if getattr(body, k) is not None}
+    return GenerationConfig.from_dict(
+        {
+            **given,
+            "n": body.n or 1,
+            "max_new_tokens": max_new_tokens,
+            "stop": body.stop_list(),
+            "stop_token_ids": stop_token_ids,
+            "logprobs": logprobs,
+            "context_overflow": "error",
+            "sliding_window": _sliding_window(body, config),
+        }
+    )
+
+
+def _prompt_list(prompt: str | list) -> list:
+    """OpenAI's four prompt forms as a list of prompts (texts or id lists)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+        return [prompt]
+    return list(prompt)
+
+
+def completion_request(
+    body: CompletionRequest, tok: Tokenizer, config: ServeConfig, block_size: int
+) -> tuple[list[list[int]], GenerationConfig]:
+    """A completions body as (the prompts' ids, their shared config). Tokenizes: run it off the event loop."""
+    check_model(body.model, config)
+    prompts = _prompt_list(body.prompt)
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise ApiError(400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", "prompt")
+    _check_n(body.n or 1, len(prompts), config)
+    try:
+        ids = [encode_prompt(tok, p) for p in prompts]
+    except UserError as e:
+        raise ApiError(400, str(e), "prompt") from None
+    default = COMPLETION_DEFAULT_MAX_TOKENS
+    if not _sliding_window(body, config):  # a default that fits every prompt's context is never refused
+        default = min(default, block_size - max(len(x) for x in ids))
+    mt = _max_new_tokens(body.max_tokens, default, config)
+    return ids, generation_config(body, config, mt, body.logprobs)
+
+
+def chat_request(
+    body: ChatCompletionRequest, tok: Tokenizer, config: ServeConfig, block_size: int
+) -> tuple[list[int], GenerationConfig]:
+    """A chat body as (the templated conversation's ids, its config). Tokenizes: run it off the event loop."""
+    check_model(body.model, config)
+    _check_n(body.n or 1, 1, config)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    ids, _ = tok.apply_chat_template(messages, add_generation_prompt=True)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    mt = _max_new_tokens(asked, block_size - len(ids), config)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return ids, generation_config(body, config, mt, logprobs, list(tok.chat_stop_ids) or None)
+
+
+# ------------------------------------------------------------------------------------------------ responses
+@dataclass
+class Reply:
+    """What a response holds besides the events: its kind (completions or chat), ids and usage sizes."""
+
+    chat: bool
+    model: str
+    tokenizer: Tokenizer
+    n: int  # choices per prompt
+    prompt_tokens: int  # all prompts together
+    logprobs: int | None
+    include_usage: bool = False  # streamed: a last chunk with usage
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def reply_for(
+    body: SamplingRequest,
+    chat: bool,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    tok: Tokenizer,
+    model: str,
+) -> Reply:
+    return Reply(
+        chat=chat,
+        model=model,
+        tokenizer=tok,
+        n=config.sampling.n,
+        prompt_tokens=sum(len(p) for p in prompts),
+        logprobs=config.logprobs,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+
+
+def _base(reply: Reply, chunk: bool = False) -> dict:
+    if not reply.chat:
+        return {"id": reply.id, "object": "text_completion", "created": reply.created, "model": reply.model}
+    kind = "chat.completion.chunk" if chunk else "chat.completion"
+    return {
+        "id": reply.id,
+        "object": kind,
+        "created": reply.created,
+        "model": reply.model,
+        "system_fingerprint": None,
+    }
+
+
+def _usage(reply: Reply, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": reply.prompt_tokens + completion_tokens,
+    }
+
+
+def completion_logprobs(tok: Tokenizer, tokens: list[Token], offset: int = 0) -> dict:
+    """Completions' logprobs: parallel lists, `text_offset` counted from `offset` in the choice's text."""
+    texts = [tok.decode([t.token_id]) for t in tokens]
+    offsets, at = [], offset
+    for s in texts:
+        offsets.append(at)
+        at += len(s)
+    return {
+        "tokens": texts,
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{s: lp for _, s, lp in (t.top or [])} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tok: Tokenizer, tokens: list[Token]) -> dict:
+    """Chat's logprobs: one entry per token with its bytes and its top alternatives."""
+
+    def entry(s: str, lp: float | None) -> dict:
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    return {
+        "content": [
+            {
+                **entry(tok.decode([t.token_id]), t.logprob),
+                "top_logprobs": [entry(s, lp) for _, s, lp in (t.top or [])],
+            }
+            for t in tokens
+        ]
+    }
+
+
+def _logprobs(reply: Reply, tokens: list[Token], offset: int = 0) -> dict | None:
+    if reply.logprobs is None:
+        return None
+    if reply.chat:
+        return chat_logprobs(reply.tokenizer, tokens)
+    return completion_logprobs(reply.tokenizer, tokens, offset)
+
+
+def token_chunk(reply: Reply, ci: int, ev: Token, offset: int) -> dict:
+    """The streamed chunk of one token of choice `ci` (`offset`: the choice's text so far, in characters)."""
+    lp = _logprobs(reply, [ev], offset)
+    piece = {"delta": {"content": ev.text}} if reply.chat else {"text": ev.text}
+    choice = {"index": ci, **piece, "logprobs": lp, "finish_reason": None}
+    return {**_base(reply, chunk=True), "choices": [choice]}
+
+
+def finish_chunk(reply: Reply, ci: int, ev: Finished) -> dict:
+    """The streamed chunk that ends choice `ci`, with the text held back until the end (`tail`)."""
+    if reply.chat:
+        piece: dict = {"delta": {"content": ev.tail} if ev.tail else {}}
+    else:
+        piece = {"text": ev.tail}
+    choice = {"index": ci, **piece, "logprobs": None, "finish_reason": ev.finish_reason}
+    return {**_base(reply, chunk=True), "choices": [choice]}
+
+
+def role_chunks(reply: Reply) -> list[dict]:
+    """Chat streams open each choice with a chunk that carries the role."""
+    if not reply.chat:
+        return []
+    return [
+        {
+            **_base(reply, chunk=True),
+            "choices": [
+                {
+                    "index": j,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        }
+        for j in range(reply.n)
+    ]
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def stream_chunks(job: Job, reply: Reply) -> AsyncIterator[dict]:
+    """The chunks of a streamed response, in the order the events arrive."""
+    for chunk in role_chunks(reply):
+        yield chunk
+    completion_tokens = 0
+    offsets: dict[int, int] = {}  # characters streamed so far, per choice
+    async for pi, ev in job.events():
+        ci = pi * reply.n + ev.index
+        if isinstance(ev, Token):
+            if not ev.text and reply.logprobs is None:  # nothing to show yet (a held-back piece)
+                continue
+            yield token_chunk(reply, ci, ev, offsets.get(ci, 0))
+            offsets[ci] = offsets.get(ci, 0) + len(ev.text)
+        else:
+            completion_tokens += ev.completion_tokens
+            yield finish_chunk(reply, ci, ev)
+    if reply.include_usage:
+        yield {**_base(reply, chunk=True), "choices": [], "usage": _usage(reply, completion_tokens)}
+
+
+def streaming_response(job: Job, reply: Reply) -> StreamingResponse:
+    """Server-sent events ending with `data: [DONE]`; a failure mid-stream is one error event."""
+
+    async def body():
+        try:
+            async for chunk in stream_chunks(job, reply):
+                yield sse(chunk)
+        except ApiError as e:
+            yield sse(e.body())
+        finally:  # a disconnected client lands here too: free its rows
+            job.cancel()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def collect(
+    job: Job, reply: Reply, disconnected: Callable[[], Awaitable[bool]]
+) -> dict[int, tuple[Finished, list[Token]]] | None:
+    """Wait for every choice: {choice index: (its Finished, its Token events)}; None if the client left."""
+    finished: dict[int, Finished] = {}
+    tokens: dict[int, list[Token]] = {}
+    try:
+        async for pi, ev in job.events(disconnected):
+            ci = pi * reply.n + ev.index
+            if isinstance(ev, Token):
+                tokens.setdefault(ci, []).append(ev)
+            elif isinstance(ev, Finished):
+                finished[ci] = ev
+    except ClientGone:
+        return None
+    return {ci: (fin, tokens.get(ci, [])) for ci, fin in finished.items()}
+
+
+def response(reply: Reply, results: dict[int, tuple[Finished, list[Token]]]) -> dict:
+    """The whole (non-streamed) response: every choice in index order, and usage."""
+    choices = []
+    for ci in sorted(results):
+        fin, toks = results[ci]
+        piece = {"message": {"role": "assistant", "content": fin.text}} if reply.chat else {"text": fin.text}
+        choices.append(
+            {"index": ci, **piece, "logprobs": _logprobs(reply, toks), "finish_reason": fin.finish_reason}
+        )
+    completion_tokens = sum(fin.completion_tokens for fin, _ in results.values())
+    return {**_base(reply), "choices": choices, "usage": _usage(reply, completion_tokens)}
+
+
+__all__ = [
+    "Reply",
+    "chat_logprobs",
+    "chat_request",
+    "check_model",
+    "collect",
+    "completion_logprobs",
+    "completion_request",
+    "finish_chunk",
+    "generation_config",
+    "reply_for",
+    "response",
+    "role_chunks",
+    "sse",
+    "stream_chunks",
+    "streaming_response",
+    "token_chunk",
+]
