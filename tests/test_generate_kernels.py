@@ -11,8 +11,7 @@ from tests.conftest import tiny_config
 from torch import nn
 
 from yuyan.generate import GenerationConfig, generate, generate_naive, kernels
-from yuyan.generate.kernels import decode_layout
-from yuyan.generate.kernels import MAX_ROWS, DecodeLinear
+from yuyan.generate.kernels import MAX_ROWS, DecodeLinear, decode_layout
 from yuyan.model.transformer import Transformer
 
 
