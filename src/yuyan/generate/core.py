@@ -271,6 +271,7 @@ class Decoder:
         row.generator = make_generator(None if seed is None else seed + j, self.device)
         return row
 
+    @torch.inference_mode()
     def remove(self, rows: list[Row]) -> None:
         """Take rows out of the batch (cancelled, finished or failed)."""
         gone = {id(r) for r in rows}
