@@ -74,10 +74,6 @@ class GenerationConfig:
                 raise UserError(f"invalid generation setting: {msg}")
         return self
 
-    @property
-    def greedy(self) -> bool:
-        return self.sampling.greedy or self.num_beams > 1
-
     @classmethod
     def from_dict(cls, d: dict) -> GenerationConfig:
         """The flat form: every `SamplingParams` field sits beside the others (a nested `sampling` table is

@@ -300,10 +300,10 @@ class Decoder:
 
     # ---------------------------------------------------------------- one step
     def step(self) -> list[Row]:
-        """choose() then advance(); returns the rows that took tokens."""
+        """choose() then advance(); returns the rows that took tokens (every row live at the start)."""
         took = self.choose()
-        extra = self.advance()
-        return took + [r for r in extra if r not in took]
+        self.advance()
+        return took
 
     @torch.inference_mode()
     def choose(self) -> list[Row]:
@@ -322,8 +322,9 @@ class Decoder:
         tokens = sample(proc, st.greedy, st.generators)  # (B,)
         if self._counts is not None:
             self._counts.scatter_add_(1, tokens[:, None], torch.ones(B, 1, device=self.device))
-        entries = self._logprobs(logits, tokens)
-        for row, tok, lp in zip(self.rows, tokens.tolist(), entries, strict=True):
+        tok_list = tokens.tolist()
+        entries = self._logprobs(logits, tokens, tok_list)
+        for row, tok, lp in zip(self.rows, tok_list, entries, strict=True):
             row.take(tok, self.capacity, lp)
         self.tokens = tokens
         return list(self.rows)
@@ -340,7 +341,9 @@ class Decoder:
             self.rows[i].finish = "error"
         return torch.where(bad[:, None], logits, proc)
 
-    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+    def _logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, tok_list: list[int]
+    ) -> list[TokenLogprob | None]:
         want = [r.config.logprobs for r in self.rows]
         if all(w is None for w in want):
             return [None] * len(want)
@@ -357,7 +360,7 @@ class Decoder:
                 chosen[i],
                 [(a, dec([a]), v) for a, v in zip(top_i[i][:w], top_v[i][:w], strict=True)],
             )
-            for i, (w, t) in enumerate(zip(want, tokens.tolist(), strict=True))
+            for i, (w, t) in enumerate(zip(want, tok_list, strict=True))
         ]
 
     def sampling(self) -> SamplingTensors:
@@ -385,15 +388,20 @@ class Decoder:
     def advance(self) -> list[Row]:
         """Retire finished rows, slide the windows of full rows, and run the strategy's forward pass, which
         leaves the next logits of every live row. Returns the rows that took more tokens on the way (a
-        speculative round), finished ones included; those are retired at the next advance()."""
-        self._remove_at([i for i, r in enumerate(self.rows) if r.finish is not None])
+        speculative round); those that finished on the way are retired too."""
+        self._retire()
         if not self.rows:
             return []
         self._slide()
         for r in self.rows:
             r.new = []
         self.logits = self.strategy.advance(self, self.tokens)
-        return [r for r in self.rows if r.new]
+        took = [r for r in self.rows if r.new]
+        self._retire()
+        return took
+
+    def _retire(self) -> None:
+        self._remove_at([i for i, r in enumerate(self.rows) if r.finish is not None])
 
     def _slide(self) -> None:
         """Rows whose cache is full (the newest token has no slot) re-prefill their most recent tokens."""

@@ -47,15 +47,12 @@ def _run(core: Decoder) -> Iterator[None]:
     """Step the core until every row finished; yields after every phase that may have added tokens."""
     while core.rows:
         core.choose()
+        failed = next((r.error for r in core.rows if r.error), None)
+        if failed:  # only sampling can fail a row (settings that overflow the logits)
+            raise UserError(failed)
         yield
         if core.advance():
             yield
-
-
-def _check_errors(rows: list[Row]) -> None:
-    for r in rows:
-        if r.error:
-            raise UserError(r.error)
 
 
 def generate(
@@ -74,7 +71,7 @@ def generate(
         return [[Completion("", [], "length", None, len(p))] * config.sampling.n for p in ids]
     core, rows = decoder(model, tokenizer, ids, config)
     for _ in _run(core):
-        _check_errors(core.rows)
+        pass
     return [[r.completion() for r in rs] for rs in rows]
 
 
@@ -109,7 +106,6 @@ def stream(
         return
     core, ((row,),) = decoder(model, tokenizer, ids, config)
     for _ in _run(core):
-        _check_errors([row])
         piece = row.safe_text()
         if piece:
             yield piece

@@ -90,11 +90,6 @@ class Row:
             self.decoder = None
         self.finish = self.finish or "length"
 
-    @property
-    def window(self) -> list[int]:
-        """The tokens the model sees."""
-        return self.tokens[self.start :]
-
     def safe_text(self) -> str:
         """New text that can no longer turn out to be the start of a stop string."""
         end = len(self.text)

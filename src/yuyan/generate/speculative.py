@@ -120,7 +120,7 @@ class Speculator(Forward):
         pending = [r.tokens[r.start + d :] for r, d in zip(core.rows, dc.lengths[:B].tolist(), strict=True)]
         proposals = [extend(self.draft, dc, pending).max(-1).indices]
         for _ in range(k - 1):
-            proposals.append(extend(self.draft, dc, [[t] for t in proposals[-1].tolist()]).max(-1).indices)
+            proposals.append(forward(self.draft, dc, proposals[-1]).max(-1).indices)
         d = torch.stack(proposals, 1)  # (B, k)
         # the model scores the newest token and the k proposals in one pass
         seq = torch.cat((tokens[:, None], d), 1)  # (B, k + 1)
