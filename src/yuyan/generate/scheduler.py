@@ -35,6 +35,7 @@ from yuyan.model.transformer import Transformer
 from yuyan.tokenizer import Tokenizer
 
 log = logging.getLogger("yuyan.scheduler")
+SHUTDOWN = "the server is shutting down"
 
 
 class QueueFull(Exception):
@@ -56,6 +57,7 @@ class Token:
     text: str  # new text that is now safe to show (may be "" while a character or stop prefix is pending)
     logprob: float | None = None
     top: list[tuple[int, str, float]] | None = None  # (id, text, logprob) of the likeliest alternatives
+    token: str = ""  # this token's own text, with the logprobs (the core decoded it for them already)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Finished:
 class Failed:
     message: str
     invalid: bool = False  # the request's own settings caused it (a 4xx), not a bug or a shutdown
+    shutdown: bool = False  # the scheduler is stopping
 
 
 Event = Token | Finished | Failed
@@ -147,7 +150,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.core: Decoder | None = None
-        self.active = 0  # rows decoding now (read by /health)
         self.steps = 0
         self.tokens_out = 0
 
@@ -170,9 +172,9 @@ class Scheduler:
             pending, self._waiting = list(self._waiting), deque()
             calls, self._calls = self._calls, []
         for r in pending:
-            _safe_emit(r, Failed("the server is shutting down"))
+            _safe_emit(r, Failed(SHUTDOWN, shutdown=True))
         for _, fut in calls:
-            fut.set_exception(SchedulerClosed("the server is shutting down"))
+            fut.set_exception(SchedulerClosed(SHUTDOWN))
 
     def __enter__(self) -> Scheduler:
         return self.start()
@@ -259,15 +261,14 @@ class Scheduler:
                 self._iteration(admitted)
             except Exception:
                 log.exception("scheduler step failed; failing the active requests")
-                self._fail_all(admitted, "internal error while generating")
-            self.active = len(self.core.rows)
-        self._fail_all([], "the server is shutting down")
+                self._fail_all(admitted, Failed("internal error while generating"))
+        self._fail_all([], Failed(SHUTDOWN, shutdown=True))
 
-    def _fail_all(self, admitted: list[_Request], message: str) -> None:
+    def _fail_all(self, admitted: list[_Request], failure: Failed) -> None:
         owners = {id(r.owner): r.owner for r in self.core.rows}
         for req in [*owners.values(), *admitted]:
             if not req.done:
-                _safe_emit(req, Failed(message))
+                _safe_emit(req, failure)
                 req.done = True
         self.core.remove(list(self.core.rows))
 
@@ -322,7 +323,7 @@ class Scheduler:
         for j, t in enumerate(shown):
             ev = Token(row.index, t, piece if j == len(shown) - 1 else "")
             if lps:
-                ev.logprob, ev.top = lps[j].logprob, lps[j].top
+                ev.logprob, ev.top, ev.token = lps[j].logprob, lps[j].top, lps[j].token
             _safe_emit(req, ev)
         if row.finish is not None:
             tail = piece if ended_by_id else ""
@@ -332,6 +333,11 @@ class Scheduler:
             )
             req.finished += 1
             req.done = req.finished == req.config.sampling.n
+
+    @property
+    def active(self) -> int:
+        """Rows decoding now (read by /health from another thread: a list's length is one read)."""
+        return len(self.core.rows) if self.core is not None else 0
 
     def stats(self) -> dict:
         return {

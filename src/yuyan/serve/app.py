@@ -114,7 +114,7 @@ async def _answer(
 ):
     """Submit the prompts and answer: a stream of events, or the whole response once all are done."""
     job = Job(s.sched).submit(prompts, gen, "messages" if chat else "prompt")
-    reply = protocol.reply_for(body, chat, prompts, gen, s.lm.tokenizer, s.config.model_name)
+    reply = protocol.reply_for(body, chat, prompts, gen, s.config.model_name)
     if body.stream:
         return protocol.streaming_response(job, reply)
     results = await protocol.collect(job, reply, request.is_disconnected)

@@ -83,7 +83,7 @@ class Job:
 def _failure(ev: Failed) -> ApiError:
     if ev.invalid:  # e.g. settings that are each valid but together overflow the logits
         return ApiError(400, ev.message, None, "invalid_sampling")
-    shutting = "shutting down" in ev.message
+    shutting = ev.shutdown
     return ApiError(
         503 if shutting else 500,
         ev.message,

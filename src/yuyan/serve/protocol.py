@@ -17,13 +17,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from fastapi.responses import StreamingResponse
 
 from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig
 from yuyan.generate.core import encode_prompt
+from yuyan.generate.sampling import SamplingParams
 from yuyan.generate.scheduler import Finished, Token
 from yuyan.serve.config import ServeConfig
 from yuyan.serve.guards import ApiError
@@ -32,17 +33,9 @@ from yuyan.serve.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRe
 from yuyan.tokenizer import Tokenizer
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# the request fields that are `SamplingParams` fields of the same name and meaning (None: the default)
-SAMPLING_FIELDS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-)
+# the request fields that are `SamplingParams` fields of the same name and meaning (None: the default);
+# n is read apart (its OpenAI default is 1 and it also bounds the request)
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.name != "n")
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -162,7 +155,6 @@ class Reply:
 
     chat: bool
     model: str
-    tokenizer: Tokenizer
     n: int  # choices per prompt
     prompt_tokens: int  # all prompts together
     logprobs: int | None
@@ -179,13 +171,11 @@ def reply_for(
     chat: bool,
     prompts: list[list[int]],
     config: GenerationConfig,
-    tok: Tokenizer,
     model: str,
 ) -> Reply:
     return Reply(
         chat=chat,
         model=model,
-        tokenizer=tok,
         n=config.sampling.n,
         prompt_tokens=sum(len(p) for p in prompts),
         logprobs=config.logprobs,
@@ -214,9 +204,9 @@ def _usage(reply: Reply, completion_tokens: int) -> dict:
     }
 
 
-def completion_logprobs(tok: Tokenizer, tokens: list[Token], offset: int = 0) -> dict:
+def completion_logprobs(tokens: list[Token], offset: int = 0) -> dict:
     """Completions' logprobs: parallel lists, `text_offset` counted from `offset` in the choice's text."""
-    texts = [tok.decode([t.token_id]) for t in tokens]
+    texts = [t.token for t in tokens]
     offsets, at = [], offset
     for s in texts:
         offsets.append(at)
@@ -229,7 +219,7 @@ def completion_logprobs(tok: Tokenizer, tokens: list[Token], offset: int = 0) ->
     }
 
 
-def chat_logprobs(tok: Tokenizer, tokens: list[Token]) -> dict:
+def chat_logprobs(tokens: list[Token]) -> dict:
     """Chat's logprobs: one entry per token with its bytes and its top alternatives."""
 
     def entry(s: str, lp: float | None) -> dict:
@@ -238,7 +228,7 @@ def chat_logprobs(tok: Tokenizer, tokens: list[Token]) -> dict:
     return {
         "content": [
             {
-                **entry(tok.decode([t.token_id]), t.logprob),
+                **entry(t.token, t.logprob),
                 "top_logprobs": [entry(s, lp) for _, s, lp in (t.top or [])],
             }
             for t in tokens
@@ -250,8 +240,8 @@ def _logprobs(reply: Reply, tokens: list[Token], offset: int = 0) -> dict | None
     if reply.logprobs is None:
         return None
     if reply.chat:
-        return chat_logprobs(reply.tokenizer, tokens)
-    return completion_logprobs(reply.tokenizer, tokens, offset)
+        return chat_logprobs(tokens)
+    return completion_logprobs(tokens, offset)
 
 
 def token_chunk(reply: Reply, ci: int, ev: Token, offset: int) -> dict:
