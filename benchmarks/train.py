@@ -57,7 +57,7 @@ def ours_step(cfg, batches, variant: str):
     task = LMTask(None, cfg.block_size)
     it = iter(batches * 1000)
     params = [p for p in model.parameters() if p.requires_grad]
-    mode = "bf16" if variant == "bf16" else "off"
+    mode = "bf16" if variant == "bf16" else "fp32"
 
     def step():
         x, y = next(it)

@@ -19,6 +19,8 @@ from yuyan.errors import UserError
 from yuyan.model.transformer import ModelConfig
 from yuyan.train import distributed as D
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 def _model_overrides(self) -> dict:
     """The ModelConfig fields this section sets (those not None), to apply over the preset."""
@@ -64,7 +66,10 @@ class TrainSection:
     max_time: float = 0.0  # seconds of training; >0 fits the schedule's length to this budget
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    # auto: bf16 autocast on CUDA; on CPU when a timed bf16 matmul beats fp32 by a margin (yuyan.precision)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; weights and optimizer state stay fp32)
+    optimizer: str = "adamw"  # adamw | muon (Muon for 2-D hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's learning rate at the schedule's peak (scaled by the schedule like lr)
     compile: bool = False
     log_every: int = 10
 
@@ -100,9 +105,11 @@ class TrainConfig:
             (t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and train.grad_accum must be positive"),
             (t.schedule in ("cosine", "wsd"), f"train.schedule must be cosine or wsd, got {t.schedule!r}"),
             (
-                t.autocast in ("auto", "bf16", "fp16", "off"),
-                f"train.autocast must be auto|bf16|fp16|off, got {t.autocast!r}",
+                t.precision in PRECISIONS,
+                f"train.precision must be {'|'.join(PRECISIONS)}, got {t.precision!r}",
             ),
+            (t.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw or muon, got {t.optimizer!r}"),
+            (t.muon_lr > 0, "train.muon_lr must be > 0"),
             (t.max_steps > 0 or t.max_time > 0, "set train.max_steps or train.max_time (> 0)"),
             (len(t.betas) == 2, "train.betas takes two numbers, e.g. 0.9,0.95"),
             (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),

@@ -278,7 +278,7 @@ def _train_step(
         b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
         if i == 0:
             tokens = b.get("input_ids", next(iter(b.values()))).numel() * world * accum
-        with D.set_grad_sync(parts.wrapped, info, i == accum - 1), autocast_context(dev, tc.autocast):
+        with D.set_grad_sync(parts.wrapped, info, i == accum - 1), autocast_context(dev, tc.precision):
             loss = task.loss(parts.train_model, b) / accum
         loss.backward()
         loss_sum += loss.detach()
@@ -290,10 +290,10 @@ def _train_step(
 
 
 def autocast_context(device: torch.device, mode: str):
-    """train.autocast as a context manager: auto is bf16 on CUDA and off on CPU."""
+    """train.precision as a context manager (auto is resolved before the loop starts: see resolve_precision)."""
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "off"
-    if mode == "off":
+        mode = "bf16" if device.type == "cuda" else "fp32"
+    if mode == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
