@@ -1,4 +1,5 @@
-"""Helpers for the server tests: run a FastAPI app with uvicorn in a thread on a free loopback port."""
+"""Helpers for the server tests: run a FastAPI app with uvicorn in a thread on a free loopback port, with
+the connection bounds `yuyan serve` runs (yuyan.serve.http)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ def running(app):
     """Yield the base URL of `app` served by uvicorn on 127.0.0.1:<free port>; stop it afterwards."""
     import uvicorn
 
+    from yuyan.serve.http import uvicorn_config
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
     th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()
     t0 = time.monotonic()

@@ -12,17 +12,20 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import fields
 
 import httpx
 import openai
 import pytest
 from tests._serve_util import serve, tiny_lm
 
+from yuyan.cli.serve import HELP as SERVE_HELP
 from yuyan.generate.config import GenerationConfig
 from yuyan.generate.engine import generate
 from yuyan.generate.sampling import SamplingParams
 from yuyan.generate.scheduler import Finished, QueueFull, Scheduler, SchedulerClosed, Token, run_to_completion
 from yuyan.model.checkpoint import save_checkpoint
+from yuyan.serve import ServeConfig
 
 KEY = "sk-test-7f3a9c"
 PROMPTS = [f"def f{i}(x):\n    return x" + " +" * (i % 5) for i in range(16)]
@@ -445,7 +448,12 @@ def test_serve_cli_refuses_public_bind_and_serves(run_cli, tokenizer, tmp_path):
         and "error: refusing to serve on non-loopback" in p.stderr
         and "Traceback" not in p.stderr
     )
-    assert "--api-key" in run_cli("serve", "--help").stdout
+    # every ServeConfig field is an option (derived from the dataclass, with its own help line)
+    help_text = run_cli("serve", "--help").stdout
+    for f in fields(ServeConfig):
+        assert "--" + f.name.replace("_", "-") in help_text and f.name in SERVE_HELP
+    p = run_cli("serve", "--model", tiny_checkpoint, "--body-timeout-s", "0")
+    assert p.returncode == 2 and "error: --body-timeout-s must be a positive" in p.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

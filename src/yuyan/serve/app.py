@@ -74,12 +74,7 @@ def create_app(
     app = FastAPI(title="yuyan", version="1", lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.server = Server(lm, sched, config, own=scheduler is None)
     app.state.scheduler, app.state.config = sched, config
-    app.add_middleware(
-        Guard,
-        api_key=config.api_key,
-        max_connections=config.max_connections,
-        max_body_bytes=config.max_body_bytes,
-    )
+    app.add_middleware(Guard, config=config)
     install_error_handlers(app)
     # the routes themselves, not an included router: app.routes then lists every path (the key test walks it)
     app.router.routes.extend(router.routes)

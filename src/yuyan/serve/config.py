@@ -1,13 +1,17 @@
 """`ServeConfig`: the settings of `yuyan serve`, every one a bound on what a request may ask.
 
 The server's own policy lives here (which model name it answers to, how many tokens and completions a
-request may ask, body size, requests in flight); what makes a generation setting valid is the generation
+request may ask, body size, requests in flight, how long a connection may take to send its request, which
+Host names it answers); what makes a generation setting valid is the generation
 core's business, never re-checked by the server.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+from yuyan.errors import UserError
 
 
 @dataclass
@@ -15,6 +19,8 @@ class ServeConfig:
     """Settings of `yuyan serve`, with safe defaults (every request dimension is bounded)."""
 
     model_name: str = "yuyan"
+    host: str = "127.0.0.1"  # the address to listen on; also a Host header the server accepts
+    port: int = 8000
     api_key: str | None = None
     max_batch: int = 16  # rows decoded together
     max_queue: int = 64  # requests waiting for rows; more get 429
@@ -24,11 +30,39 @@ class ServeConfig:
     max_tokens_limit: int | None = None
     max_n: int = 8  # most completions (n x prompts) per request
     max_connections: int = 128  # requests in flight (besides /health); more get 429
+    # open TCP connections; above it the oldest one not inside a request is closed (http.py)
+    max_open_connections: int = 512
+    header_timeout_s: float = 10.0  # a connection's request headers must arrive within this, else closed
+    body_timeout_s: float = 30.0  # a request body must arrive whole within this, else 408 and closed
+    # Host header names accepted besides loopback ones and `host` (against DNS rebinding); "*": any
+    allowed_hosts: list[str] = field(default_factory=list)
     inspect_max_tokens: int = 128  # the attention view keeps the last this-many tokens
     threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's setting
     # the default of a request's `sliding_window`: off keeps OpenAI's contract (prompt + max_tokens beyond
     # the context is a 400); on, generation goes past the context by dropping the oldest tokens
     sliding_window: bool = False
+
+    def validate(self) -> ServeConfig:
+        """Refuse settings that bound nothing (a UserError naming the option); returns self."""
+        at_least_1 = [
+            "port",
+            "max_batch",
+            "max_body_bytes",
+            "max_n",
+            "max_connections",
+            "max_open_connections",
+            "inspect_max_tokens",
+        ]
+        for name in at_least_1:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0 or (self.max_tokens_limit is not None and self.max_tokens_limit < 1):
+            raise UserError("--max-queue must be >= 0 and --max-tokens-limit >= 1")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {v}")
+        return self
 
     def __repr__(self) -> str:  # never show the key
         fields = {k: ("***" if k == "api_key" and v else v) for k, v in self.__dict__.items()}

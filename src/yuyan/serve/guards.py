@@ -1,9 +1,13 @@
 """What stands in front of the server's routes: the `Guard` middleware, `ApiError` and the error handlers.
 
-`Guard` is one pure ASGI middleware with three bounds: an API key (`Authorization: Bearer` or `x-api-key`,
-compared with `hmac.compare_digest`) on everything but /health and the static playground; the requests in
-flight (429 + Retry-After; /health is never counted, so it answers under any load); and the request body
-(413), read whole before the app sees it so that no route ever parses an unbounded body.
+`Guard` is one pure ASGI middleware with four bounds: the Host header (only loopback names, the
+configured host and `allowed_hosts`: a 421 otherwise, so a web page cannot reach a loopback server by DNS
+rebinding); an API key (`Authorization: Bearer` or `x-api-key`, compared with `hmac.compare_digest`) on
+everything but /health and the static playground; the request body (413 over its size, 408 when it has
+not arrived whole within `body_timeout_s`; either closes the connection), read whole before the app sees
+it so that no route ever parses an unbounded body; and the requests in flight (429 + Retry-After),
+counted only once the body is in, so that slow bodies hold their own connections and nobody else's turn
+(/health is never counted, so it answers under any load).
 `install_error_handlers` turns every exception into OpenAI's error shape: bad input (a pydantic error,
 an `ApiError`, the generation core's `UserError`) is a 4xx, a full queue a 429, a shutdown a 503, and only
 a genuine bug a 500, which is logged. `check_bind` refuses to expose an unauthenticated server.
@@ -11,6 +15,7 @@ a genuine bug a 500, which is logged. `check_bind` refuses to expose an unauthen
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -24,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from yuyan.errors import UserError
 from yuyan.generate.core import ContextLengthError
 from yuyan.generate.scheduler import QueueFull, SchedulerClosed
+from yuyan.serve.config import ServeConfig
 from yuyan.serve.schemas import error_body
 
 log = logging.getLogger("yuyan.serve")
@@ -82,16 +88,29 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the guard
-class _BodyTooLarge(Exception):
-    pass
+WILDCARD_BINDS = ("0.0.0.0", "::", "")  # a bind address that is no name a client would use
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port or brackets, lowercased: `[::1]:8000` -> `::1`."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    if h.count(":") == 1:
+        h = h.rsplit(":", 1)[0]
+    return h.rstrip(".")
 
 
 class Guard:
-    """Pure ASGI middleware: API key, requests in flight, and the request body size."""
+    """Pure ASGI middleware: Host header, API key, the request body (size and deadline), requests in
+    flight."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_connections: int, max_body_bytes: int):
-        self.app, self.max_connections, self.max_body_bytes = app, max_connections, max_body_bytes
-        self.key = api_key.encode() if api_key else None
+    def __init__(self, app: ASGIApp, config: ServeConfig):
+        self.app, self.config = app, config
+        self.key = config.api_key.encode() if config.api_key else None
+        self.any_host = "*" in config.allowed_hosts
+        names = [*config.allowed_hosts, *([] if config.host in WILDCARD_BINDS else [config.host])]
+        self.hosts = {host_name(h) for h in names}
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,10 +118,17 @@ class Guard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        refused = self._auth_error(path, headers)
+        refused = self._host_error(headers) or self._auth_error(path, headers)
         if refused is None and path == "/health":
             return await self.app(scope, receive, send)
-        if refused is None and self.in_flight >= self.max_connections:
+        if refused is None and scope.get("method") in BODY_METHODS:
+            # read before the request counts as in flight: a slow body holds its own connection only
+            body, refused = await self._read_body(receive, headers)
+            if body is None and refused is None:  # the client left while sending
+                return None
+            if refused is None:
+                scope, receive = self._replay(scope, headers, body, receive)
+        if refused is None and self.in_flight >= self.config.max_connections:
             refused = ApiError(
                 429,
                 "too many requests in flight; retry shortly",
@@ -114,9 +140,26 @@ class Guard:
             return await refused.response()(scope, receive, send)
         self.in_flight += 1
         try:
-            await self._forward(scope, receive, send, headers)
+            await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    def _host_error(self, headers: dict[str, bytes]) -> ApiError | None:
+        """A browser page on another site can reach a loopback server through DNS rebinding, but its
+        requests carry that site's name as Host: answer only the names this server is known by."""
+        raw = headers.get("host")
+        if self.any_host or raw is None:  # no Host header: not a browser (HTTP/1.0 tools)
+            return None
+        name = host_name(raw.decode("latin-1"))
+        if name in self.hosts or is_loopback(name):
+            return None
+        return ApiError(
+            421,
+            f"this server does not answer to the Host {name[:100]!r} (a guard against DNS rebinding); "
+            f"use its loopback address or configured host, or start it with --allowed-hosts {name[:100]} "
+            "(or '*' for any)",
+            code="host_not_allowed",
+        )
 
     def _auth_error(self, path: str, headers: dict[str, bytes]) -> ApiError | None:
         if self.key is None or path in PUBLIC_PATHS or path.startswith("/static/"):
@@ -128,22 +171,9 @@ class Guard:
         msg = "incorrect API key provided" if given else "missing API key: send 'Authorization: Bearer KEY'"
         return ApiError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, bytes]) -> None:
-        """Pass the request on; a body is read whole first (bounded) and replayed to the app."""
-        if scope.get("method") not in BODY_METHODS:
-            return await self.app(scope, receive, send)
-        try:
-            body = await self._read_body(receive, headers)
-        except _BodyTooLarge:
-            too_big = ApiError(
-                413,
-                f"request body is larger than the limit of {self.max_body_bytes} bytes; "
-                "send less (the server's --max-body-bytes)",
-                code="request_too_large",
-            )
-            return await too_big.response()(scope, receive, send)
-        if body is None:  # the client left while sending
-            return None
+    @staticmethod
+    def _replay(scope: Scope, headers: dict[str, bytes], body: bytes, receive: Receive):
+        """The scope and receive the app sees: the body read whole, replayed as one message."""
         replay = [{"type": "http.request", "body": body, "more_body": False}]
         if "content-type" not in headers:  # a JSON API: a body without a type is read as JSON
             scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
@@ -151,27 +181,57 @@ class Guard:
         async def receive_again():
             return replay.pop() if replay else await receive()
 
-        return await self.app(scope, receive_again, send)
+        return scope, receive_again
 
-    async def _read_body(self, receive: Receive, headers: dict[str, bytes]) -> bytes | None:
+    async def _read_body(
+        self, receive: Receive, headers: dict[str, bytes]
+    ) -> tuple[bytes | None, ApiError | None]:
+        """(the whole body, None), (None, the 413 or 408 refusal), or (None, None) if the client left.
+        A refusal closes the connection: the rest of the body is never read."""
+        limit, deadline = self.config.max_body_bytes, self.config.body_timeout_s
+        close = {"Connection": "close"}
+        too_big = ApiError(
+            413,
+            f"request body is larger than the limit of {limit} bytes; send less (the server's "
+            "--max-body-bytes)",
+            code="request_too_large",
+            headers=close,
+        )
         try:
             declared = int(headers.get("content-length", b"0") or 0)
         except ValueError:
             declared = 0
-        if declared > self.max_body_bytes:  # refused before a byte is read
-            raise _BodyTooLarge()
+        if declared > limit:  # refused before a byte is read
+            return None, too_big
+        try:
+            async with asyncio.timeout(deadline):
+                return await self._read_chunks(receive, limit, too_big)
+        except TimeoutError:
+            slow = ApiError(
+                408,
+                f"the request body did not arrive within {deadline:g} s; send it at once (the "
+                "server's --body-timeout-s)",
+                code="request_timeout",
+                headers=close,
+            )
+            return None, slow
+
+    @staticmethod
+    async def _read_chunks(
+        receive: Receive, limit: int, too_big: ApiError
+    ) -> tuple[bytes | None, ApiError | None]:
         chunks, total = [], 0
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                return None
+                return None, None
             chunk = msg.get("body", b"")
             total += len(chunk)
-            if total > self.max_body_bytes:
-                raise _BodyTooLarge()
+            if total > limit:
+                return None, too_big
             chunks.append(chunk)
             if not msg.get("more_body", False):
-                return b"".join(chunks)
+                return b"".join(chunks), None
 
 
 # ------------------------------------------------------------------------------------------------ handlers
@@ -235,4 +295,12 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc, handler)
 
 
-__all__ = ["ApiError", "Guard", "check_bind", "install_error_handlers", "is_loopback", "user_error"]
+__all__ = [
+    "ApiError",
+    "Guard",
+    "check_bind",
+    "host_name",
+    "install_error_handlers",
+    "is_loopback",
+    "user_error",
+]
