@@ -134,3 +134,21 @@ def test_bad_targets_are_clear():
         apply_lora(_model("gpt2"), targets=["lm_head"])
     with pytest.raises(UserError, match="rank"):
         apply_lora(_model("gpt2"), rank=0)
+
+
+def test_lora_on_a_switched_model_is_a_no_op_then_merges_exactly():
+    """QK-norm, the ReLU² MLP and soft-capped logits leave LoRA as it is: a fresh adapter changes nothing,
+    the merged model equals the unmerged one, and the QK-norm gains stay frozen."""
+    model = _model("llama", qk_norm=True, ffn="relu2_mlp", logit_softcap=2.0).eval()
+    x = torch.randint(0, 512, (2, 12))
+    ref = model(x)
+    apply_lora(model, rank=4, alpha=8, targets=ALL_LINEAR)
+    assert torch.equal(model(x), ref)
+    assert not model.layers[0].self_attn.q_norm.weight.requires_grad
+    model.train()
+    _train_steps(model, steps=3)
+    model.eval()
+    unmerged = model(x)
+    assert (unmerged - ref).abs().max().item() > 1e-4  # the adapters trained
+    merge_lora(model)
+    assert (model(x) - unmerged).abs().max().item() < 1e-5

@@ -1,5 +1,7 @@
 """The transformer: parameter counts vs transformers, SDPA vs explicit attention, cached vs uncached decoding,
-config validation and the FLOP estimate (checked against torch's own FLOP counter)."""
+config validation, the FLOP estimate (checked against torch's own FLOP counter) and the recipe switches
+(QK-norm against transformers' Qwen3, the ReLU² MLP, soft-capped logits and zero-initialised projections
+against their formulas)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,14 @@ import pytest
 import torch
 from tests.conftest import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from yuyan.model.flops import flops_per_token, num_params
 from yuyan.model.kv_cache import KVCache
@@ -74,11 +83,16 @@ def test_sdpa_matches_explicit_attention(kind):
         assert (out - a[:, 30:]).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+SWITCHES = dict(qk_norm=True, ffn="relu2_mlp", logit_softcap=3.0)  # every forward-changing switch at once
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt2-switches", "llama-switches"])
 @torch.no_grad()
 def test_cached_decoding_matches_uncached_with_ragged_rows(family):
     torch.manual_seed(0)
-    model = Transformer(tiny_config(family)).eval()
+    model = Transformer(
+        tiny_config(family.split("-")[0], **(SWITCHES if "switches" in family else {}))
+    ).eval()
     lengths = [7, 3, 5]  # each row's prompt length: a batch of different per-row lengths
     seqs = [torch.randint(0, 512, (n,)).tolist() for n in lengths]
     cache = KVCache(model.config, batch=3, capacity=40)
@@ -127,7 +141,15 @@ def test_learned_positions_refuse_beyond_context():
 @pytest.mark.parametrize(
     ("kw", "msg"),
     [
-        (dict(ffn="relu"), "ffn must be gelu_mlp or swiglu"),
+        (dict(ffn="relu"), "ffn must be one of gelu_mlp, swiglu, relu2_mlp"),
+        (dict(dropout=1.0), r"dropout must be a finite number in \[0, 1\), got 1.0"),
+        (dict(dropout=float("nan")), "dropout must be a finite number"),
+        (dict(norm_eps=0.0), "norm_eps must be a finite number > 0"),
+        (dict(norm_eps=float("nan")), "norm_eps must be a finite number > 0, got nan"),
+        (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0, got inf"),
+        (dict(rope_theta="1e4"), "rope_theta must be a finite number"),
+        (dict(logit_softcap=0.0), "logit_softcap must be a finite number > 0"),
+        (dict(logit_softcap=float("nan")), "logit_softcap must be a finite number > 0"),
         (dict(norm="batchnorm"), "norm must be layernorm or rmsnorm"),
         (dict(pos="alibi"), "pos must be learned or rope"),
         (dict(n_head=4, n_kv_head=3), r"n_head \(4\) must be a multiple of n_kv_head \(3\)"),
@@ -140,6 +162,19 @@ def test_learned_positions_refuse_beyond_context():
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ModelConfig(**kw)
+
+
+def test_config_json_with_nan_is_refused_by_field_name(tmp_path, tokenizer):
+    import json
+
+    from yuyan.errors import UserError
+    from yuyan.model.checkpoint import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "m", Transformer(tiny_config("gpt2", tokenizer.vocab_size)), tokenizer)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "norm_eps": float("nan")}))  # writes NaN
+    with pytest.raises(UserError, match="norm_eps must be a finite number > 0, got nan"):
+        load_checkpoint(path, verify=False)
 
 
 def test_config_dict_round_trip_and_unknown_keys():
@@ -172,14 +207,15 @@ def test_flops_per_token_against_torch_flop_counter(family):
     assert 6 * 124e6 < flops_per_token(g, 1024, training=True) < 6 * 124e6 * 1.3
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama-softcap"])
 def test_fused_loss_matches_plain_cross_entropy(family, monkeypatch):
     """model(x, targets=y) — lm_head fused with cross-entropy, in row blocks — equals F.cross_entropy on
-    the full logits, loss and every parameter's gradient, with ignored targets."""
+    the full logits (soft-capped ones too), loss and every parameter's gradient, with ignored targets."""
     from yuyan.model import loss as L
 
     torch.manual_seed(0)
-    model = Transformer(tiny_config(family)).double()
+    kw = {"logit_softcap": 0.2} if family.endswith("softcap") else {}  # a cap small enough to bind
+    model = Transformer(tiny_config(family.split("-")[0], **kw)).double()
     x = torch.randint(0, model.config.vocab_size, (3, 11))
     y = torch.roll(x, -1, 1)
     y[0, :4] = -100
@@ -204,12 +240,111 @@ def test_fused_loss_falls_back_for_wrapped_heads():
     from yuyan.model.lora import apply_lora
 
     torch.manual_seed(0)
-    model = Transformer(tiny_config("llama"))
+    model = Transformer(tiny_config("llama", logit_softcap=2.0))
     apply_lora(model, rank=2, alpha=4, targets=["lm_head"])
     torch.nn.init.normal_(model.lm_head.lora_B.weight)  # a non-zero adapter must count in the loss
     x = torch.randint(0, model.config.vocab_size, (2, 9))
     y = torch.roll(x, -1, 1)
     plain = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
     assert torch.allclose(model(x, targets=y), plain)
-    base = torch.nn.functional.linear(model.hidden(x), model.lm_head.weight)
+    base = 2.0 * torch.tanh(torch.nn.functional.linear(model.hidden(x), model.lm_head.weight) / 2.0)
     assert not torch.allclose(plain, torch.nn.functional.cross_entropy(base.flatten(0, 1), y.flatten()))
+
+
+@torch.no_grad()
+def test_qk_norm_matches_transformers_qwen3():
+    """QK-norm (RMSNorm over each head's q and k, before RoPE) is Qwen3's: the same weights give the same
+    logits as transformers' Qwen3ForCausalLM, with GQA, untied embeddings and no biases."""
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=512,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            attention_bias=False,
+            tie_word_embeddings=False,
+        )
+    ).eval()
+    for n, p in hf.named_parameters():  # norm gains away from 1, so a skipped norm would show
+        if n.endswith("norm.weight"):
+            p.uniform_(0.5, 1.5)
+    ours = Transformer(tiny_config("llama", qk_norm=True, head_dim=8, norm_eps=1e-6)).eval()
+    sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    assert set(sd) == set(ours.state_dict())  # HF's names: self_attn.q_norm / k_norm
+    ours.load_state_dict(sd)
+    x = torch.randint(0, 512, (2, 24))
+    assert (ours(x) - hf(x).logits).abs().max().item() < 1e-5
+    ours.config.qk_norm = False  # the reference differs without them
+    for block in ours.layers:
+        block.self_attn.qk_norm = False
+    assert (ours(x) - hf(x).logits).abs().max().item() > 1e-3
+
+
+@torch.no_grad()
+def test_relu2_mlp_softcap_and_zero_init_against_their_formulas():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("gpt2", ffn="relu2_mlp", logit_softcap=0.2)).eval()
+    mlp = model.layers[0].mlp
+    assert not hasattr(mlp, "gate_proj") and mlp.up_proj.out_features == 4 * 32  # d_ff = 4 d_model
+    h = torch.randn(3, 5, 32)
+    up = h @ mlp.up_proj.weight.T + mlp.up_proj.bias
+    want = torch.clamp(up, min=0) ** 2 @ mlp.down_proj.weight.T + mlp.down_proj.bias  # relu(x W1)^2 W2
+    assert torch.allclose(mlp(h), want, atol=1e-6)
+    # soft-capped logits: 0.2 tanh(z / 0.2), z the head's plain logits, so |logits| < 0.2
+    x = torch.randint(0, 512, (2, 12))
+    z = model.hidden(x) @ model.lm_head.weight.T
+    logits = model(x)
+    assert torch.allclose(logits, 0.2 * torch.tanh(z / 0.2), atol=1e-6) and logits.abs().max() < 0.2
+    assert z.abs().max() > 0.4  # the cap binds somewhere, so the check means something
+    # zero-initialised o_proj and down_proj: every block starts as the identity
+    zero = Transformer(tiny_config("llama", zero_init_residual=True)).eval()
+    residual = [m.weight for b in zero.layers for m in (b.self_attn.o_proj, b.mlp.down_proj)]
+    assert all(torch.count_nonzero(w) == 0 for w in residual)
+    assert torch.count_nonzero(zero.layers[0].self_attn.q_proj.weight) > 0
+    assert torch.allclose(zero.hidden(x), zero.norm(zero.embed_tokens(x)), atol=1e-6)
+    plain = Transformer(tiny_config("llama")).eval()
+    assert torch.count_nonzero(plain.layers[0].mlp.down_proj.weight) > 0
+
+
+def test_switches_that_hugging_face_cannot_express_refuse_export():
+    from yuyan.errors import UserError
+    from yuyan.model.hf import hf_family
+
+    assert hf_family(tiny_config("llama", zero_init_residual=True)) == "llama"  # only the start differs
+    for kw in (dict(qk_norm=True), dict(logit_softcap=30.0)):
+        with pytest.raises(UserError, match="has qk_norm or logit_softcap"):
+            hf_family(tiny_config("llama", **kw))
+    with pytest.raises(UserError, match="ffn=relu2_mlp"):
+        hf_family(tiny_config("llama", ffn="relu2_mlp"))
+
+
+@torch.no_grad()
+def test_switched_model_decodes_like_its_forward():
+    """The decode core (cached, with the decode layout), its logprobs and speculative decoding with the int8
+    draft all see the switched model's own logits: soft-capped (a cap that binds), QK-normed, ReLU²."""
+    from yuyan.generate import GenerationConfig, generate
+    from yuyan.generate.core import Decoder
+    from yuyan.generate.speculative import Speculator, int8_draft
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("llama", qk_norm=True, ffn="relu2_mlp", logit_softcap=0.2)).eval()
+    greedy = dict(temperature=0, stop_token_ids=[], max_new_tokens=8)
+    out = generate(model, None, [[1, 2, 3]], GenerationConfig.from_dict(dict(logprobs=2, **greedy)))[0][0]
+    seq = [1, 2, 3]
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        ref = model(torch.tensor([seq]))[0, -1].log_softmax(-1)  # capped: every logprob near log(1/V)
+        assert lp.token_id == tok and abs(lp.logprob - float(ref[tok])) < 1e-5
+        seq.append(tok)
+    cfg = GenerationConfig.from_dict(dict(speculative=3, **greedy))
+    core = Decoder(model, None, 1, 3 + 8 + 3 + 1, Speculator(int8_draft(model), 3))
+    row = core.admit([[1, 2, 3]], [cfg])[0][0]
+    while core.rows:
+        core.step()
+    assert row.completion().token_ids == out.token_ids

@@ -126,7 +126,7 @@ def token_nll(
             with _autocast(device):
                 hs = model.hidden(x)[keep]  # (N, d_model): only the scored positions reach lm_head
                 for k in range(0, len(ys), chunk):  # (chunk, V) logits at a time, loss in float32
-                    logits = model.lm_head(hs[k : k + chunk]).float()
+                    logits = model.logits(hs[k : k + chunk]).float()
                     parts.append(F.cross_entropy(logits, ys[k : k + chunk], reduction="none"))
             nll = torch.cat(parts) if parts else torch.empty(0)
             nll = nll.cpu()

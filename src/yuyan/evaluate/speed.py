@@ -46,13 +46,13 @@ def _run(model: Transformer, batch: int, prompt_len: int, new_tokens: int, seed:
         _sync(device)
         t0 = time.perf_counter()
         h = model.hidden(prompt, cache=cache)
-        nxt = model.lm_head(h[:, -1]).argmax(-1)  # (B,): logits of the last position only
+        nxt = model.logits(h[:, -1]).argmax(-1)  # (B,): logits of the last position only
         cache.advance(prompt_len)
         _sync(device)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             h = model.hidden(nxt[:, None], cache=cache)
-            nxt = model.lm_head(h[:, -1]).argmax(-1)
+            nxt = model.logits(h[:, -1]).argmax(-1)
             cache.advance(1)
         _sync(device)
         t2 = time.perf_counter()

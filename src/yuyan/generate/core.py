@@ -132,7 +132,7 @@ def extend(model: nn.Module, cache: KVCache, seqs: list[list[int]]) -> torch.Ten
     pos = cache.lengths[:R, None] + torch.arange(idx.shape[1], device=dev)[None, :]
     h = model.hidden(idx, pos=pos, cache=cache)  # (R, T, d)
     cache.lengths[:R] += lens
-    return model.lm_head(h[torch.arange(R, device=dev), lens - 1]).float()  # only last positions
+    return model.logits(h[torch.arange(R, device=dev), lens - 1]).float()  # only last positions
 
 
 @torch.inference_mode()
@@ -150,7 +150,7 @@ def forward(model: nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch.Ten
     B = tokens.shape[0]
     h = model.hidden(tokens[:, None], pos=cache.lengths[:B, None], cache=cache)  # (B, 1, d)
     cache.lengths[:B] += 1
-    return model.lm_head(h[:, 0]).float()
+    return model.logits(h[:, 0]).float()
 
 
 @torch.inference_mode()

@@ -126,7 +126,7 @@ class Speculator(Forward):
         seq = torch.cat((tokens[:, None], d), 1)  # (B, k + 1)
         L = core.cache.lengths[:B].clone()
         pos = L[:, None] + torch.arange(k + 1, device=core.device)[None, :]
-        logits = core.model.lm_head(core.model.hidden(seq, pos=pos, cache=core.cache)).float()  # (B, k+1, V)
+        logits = core.model.logits(core.model.hidden(seq, pos=pos, cache=core.cache)).float()  # (B, k+1, V)
         kept = (d == logits[:, :-1].max(-1).indices).long().cumprod(1).sum(1)  # (B,) agreeing proposals
         core.cache.lengths[:B] = L + kept + 1  # later slots are overwritten next round
         dc.lengths[:B] = torch.minimum(L + k, L + 1 + kept)  # the draft saw the newest and k - 1 proposals

@@ -70,7 +70,7 @@ class Decision:
 
         def f(e: torch.Tensor, T: int) -> torch.Tensor:
             h = model.hidden(None, inputs_embeds=e)  # (N, T, d)
-            return model.lm_head(h[:, -1]).float().log_softmax(-1)  # (N, V)
+            return model.logits(h[:, -1]).float().log_softmax(-1)  # (N, V)
 
         if target is None:
             with torch.no_grad():

@@ -35,7 +35,7 @@ def logit_lens(model: Transformer, tokenizer: Tokenizer, text: str, top_k: int =
     n = model.config.n_layer
     # hs[0]: embeddings, hs[i]: output of block i-1 (pre-norm residual), hs[n]: final normed output
     streams = [model.norm(hs[i]) for i in range(n)] + [hs[n]]
-    logits = torch.stack([model.lm_head(s[0]).float() for s in streams])  # (n+1, T, V)
+    logits = torch.stack([model.logits(s[0]).float() for s in streams])  # (n+1, T, V)
     probs = logits.softmax(-1)
     top_probs, top_ids = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     top_tokens = [[[piece(tokenizer, int(i)) for i in pos] for pos in row] for row in top_ids]

@@ -416,6 +416,11 @@ GENERATION_KEYS = (
 def hf_family(config: ModelConfig) -> str:
     """The HF model_type that expresses this config exactly, or a clear error."""
     c = config
+    if c.qk_norm or c.logit_softcap is not None:
+        raise UserError(
+            "no Hugging Face family yuyan exports (gpt2, llama, qwen2) has qk_norm or logit_softcap; "
+            "export a model trained without them"
+        )
     if c.norm == "layernorm" and c.pos == "learned" and c.ffn == "gelu_mlp":
         if c.bias and c.qkv_bias and c.n_kv_head == c.n_head and c.head_dim * c.n_head == c.d_model:
             return "gpt2"

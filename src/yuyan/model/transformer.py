@@ -1,7 +1,8 @@
 """The yuyan transformer: GPT-2 and Llama families in one readable file.
 
 A decoder-only transformer whose differences between families are a handful of explicit switches in
-`ModelConfig` (norm, positions, MLP, tied embeddings, `n_kv_head`). Parameter names follow Hugging Face's
+`ModelConfig` (norm, positions, MLP, tied embeddings, `n_kv_head`), beside the switches of the small-model
+speedrun recipes (QK-norm, the ReLU² MLP, soft-capped logits, zero-initialised residual projections). Parameter names follow Hugging Face's
 Llama layout (`embed_tokens`, `layers.i.self_attn.q_proj`, `mlp.gate_proj`, `norm`, `lm_head`) so that
 import/export is a key table. The KV cache is a small object owned by the caller and passed into
 `forward`; the model writes the new keys/values into it but never advances it (the engine does). Named
@@ -21,6 +22,8 @@ from torch import nn
 from yuyan.model.kv_cache import KVCache
 from yuyan.model.loss import linear_cross_entropy
 
+FFNS = ("gelu_mlp", "swiglu", "relu2_mlp")
+
 
 @dataclass
 class ModelConfig:
@@ -32,7 +35,7 @@ class ModelConfig:
     d_model: int = 128
     d_ff: int | None = None  # None: 4*d_model (gelu_mlp) or the Llama 8/3 rule rounded to 64 (swiglu)
     head_dim: int | None = None  # None: d_model // n_head
-    ffn: str = "gelu_mlp"  # gelu_mlp | swiglu
+    ffn: str = "gelu_mlp"  # gelu_mlp | swiglu | relu2_mlp (up, relu, square, down)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     pos: str = "learned"  # learned | rope
@@ -42,6 +45,9 @@ class ModelConfig:
     qkv_bias: bool | None = None  # None: = bias (Qwen2 has qkv bias without other biases)
     tie_embeddings: bool = True
     dropout: float = 0.0
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3's q_norm / k_norm)
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt)
+    zero_init_residual: bool = False  # o_proj and down_proj start at zero: each block starts as the identity
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -63,8 +69,9 @@ class ModelConfig:
         ]
         if bad:  # checked first: the rules below do arithmetic on these
             raise ValueError(f"invalid model config: sizes must be positive integers, got {', '.join(bad)}")
+        self._check_floats()
         checks = [
-            (self.ffn in ("gelu_mlp", "swiglu"), f"ffn must be gelu_mlp or swiglu, got {self.ffn!r}"),
+            (self.ffn in FFNS, f"ffn must be one of {', '.join(FFNS)}, got {self.ffn!r}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}"),
             (self.pos in ("learned", "rope"), f"pos must be learned or rope, got {self.pos!r}"),
             (
@@ -76,6 +83,19 @@ class ModelConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"invalid model config: {msg}")
+
+    def _check_floats(self) -> None:
+        """Finite, in-range floats: a config.json with NaN or a negative epsilon is refused by field name."""
+        cap = self.logit_softcap
+        checks = [
+            ("dropout", self.dropout, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("norm_eps", self.norm_eps, lambda v: v > 0, "> 0"),
+            ("rope_theta", self.rope_theta, lambda v: v > 0, "> 0"),
+        ] + ([("logit_softcap", cap, lambda v: v > 0, "> 0 (or None: off)")] if cap is not None else [])
+        for name, v, ok, rule in checks:
+            real = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            if not (real and math.isfinite(v) and ok(v)):
+                raise ValueError(f"invalid model config: {name} must be a finite number {rule}, got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,11 +135,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Norm(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """config.norm over d_model; `kind`/`dim` override it (QK-norm is an RMSNorm over head_dim)."""
+
+    def __init__(self, config: ModelConfig, kind: str | None = None, dim: int | None = None):
         super().__init__()
-        self.kind, self.eps = config.norm, config.norm_eps
-        self.weight = nn.Parameter(torch.ones(config.d_model))
-        has_bias = config.norm == "layernorm" and config.bias
+        self.kind, self.eps = kind or config.norm, config.norm_eps
+        self.weight = nn.Parameter(torch.ones(dim or config.d_model))
+        has_bias = self.kind == "layernorm" and config.bias
         self.bias = nn.Parameter(torch.zeros(config.d_model)) if has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +168,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
         self.o_proj.residual = True
+        if config.qk_norm:  # per head, shared across heads (Qwen3)
+            self.q_norm = Norm(config, "rmsnorm", config.head_dim)
+            self.k_norm = Norm(config, "rmsnorm", config.head_dim)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self, x, pos, rope, cache: KVCache | None, mask: torch.Tensor | None, attn_weights: list | None
@@ -154,6 +180,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope  # (B, 1, T, D)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
@@ -186,6 +214,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.ffn = config.ffn
         self.swiglu = config.ffn == "swiglu"
         if self.swiglu:
             self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
@@ -196,6 +225,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.ffn == "relu2_mlp":  # modded-nanogpt's ReLU squared
+            return self.down_proj(F.relu(self.up_proj(x)).square())
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's gelu_new
 
 
@@ -231,10 +262,15 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
+        # GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer), or zero
+        # with zero_init_residual (modded-nanogpt: every block starts as the identity)
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "residual", False)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+            if residual and self.config.zero_init_residual:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -301,10 +337,19 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab_size); given `targets` (B, T), the mean cross-entropy instead (positions
         with target -100 skipped), fused with lm_head so the (B, T, V) logits are never stored whole."""
         h = self.hidden(idx, pos, cache, attn_weights, hidden_states)
-        return self.lm_head(h) if targets is None else linear_cross_entropy(h, self.lm_head, targets)
+        if targets is None:
+            return self.logits(h)
+        return linear_cross_entropy(h, self.lm_head, targets, softcap=self.config.logit_softcap)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head over hidden states (..., d_model) -> (..., vocab_size), soft-capped when the config says
+        so; every caller that turns hidden states into logits goes through here, never lm_head alone."""
+        z = self.lm_head(h)
+        cap = self.config.logit_softcap
+        return z if cap is None else cap * torch.tanh(z / cap)
 
     def lm_head_weight_tied(self) -> bool:
         return self.lm_head.weight is self.embed_tokens.weight
 
 
-__all__ = ["ModelConfig", "Transformer"]
+__all__ = ["FFNS", "Block", "ModelConfig", "Transformer"]

@@ -110,6 +110,11 @@ class TrainConfig:
             ),
             (t.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw or muon, got {t.optimizer!r}"),
             (t.muon_lr > 0, "train.muon_lr must be > 0"),
+            (
+                t.optimizer != "muon" or self.distributed != "fsdp",
+                "train.optimizer muon is not supported with distributed = fsdp (Muon orthogonalises whole "
+                "matrices, FSDP2 gives each rank a shard of them): use distributed = ddp or train.optimizer adamw",
+            ),
             (t.max_steps > 0 or t.max_time > 0, "set train.max_steps or train.max_time (> 0)"),
             (len(t.betas) == 2, "train.betas takes two numbers, e.g. 0.9,0.95"),
             (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),

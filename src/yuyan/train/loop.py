@@ -247,7 +247,9 @@ def _prepare_model(model: nn.Module, tc: TrainSection, info: D.DistInfo) -> _Tra
     model.train()
     save_copy = copy.deepcopy(model).cpu() if info.strategy == "fsdp" and info.is_main else None
     wrapped = D.wrap(model, info)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tuple(tc.betas), dev.type)
+    optimizer = build_optimizer(
+        model, tc.lr, tc.weight_decay, tuple(tc.betas), dev.type, optimizer=tc.optimizer, muon_lr=tc.muon_lr
+    )
     train_model = torch.compile(wrapped) if tc.compile else wrapped
     params = [p for p in model.parameters() if p.requires_grad]
     return _TrainedModel(model, wrapped, train_model, optimizer, params, save_copy)

@@ -1,0 +1,167 @@
+"""The optimizers: Muon's and AdamW's parameter groups cover every trainable parameter exactly once (GPT-2 and
+Llama layouts, tied and untied embeddings, LoRA), the schedule drives both learning rates, Muon trains a tiny
+model, a Muon run resumes bitwise, and Muon under FSDP is refused with one line."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.conftest import tiny_config
+
+from yuyan.errors import UserError
+from yuyan.model.lora import apply_lora
+from yuyan.model.transformer import Transformer
+from yuyan.train.optim import MuonAdamW, build_optimizer, set_lr
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _train_worker as W  # noqa: E402
+
+
+def _groups_by_kind(opt) -> tuple[list, list]:
+    """(Muon's parameters, AdamW's parameters) of what build_optimizer returned."""
+    if isinstance(opt, MuonAdamW):
+        adamw, muon = opt.optimizers
+        return [p for g in muon.param_groups for p in g["params"]], [
+            p for g in adamw.param_groups for p in g["params"]
+        ]
+    return [], [p for g in opt.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize(
+    "kind", ["gpt2-tied", "gpt2-untied", "llama-untied", "llama-tied", "llama-qknorm-relu2", "lora"]
+)
+def test_muon_groups_cover_every_trainable_parameter_once(kind):
+    family = "gpt2" if kind.startswith("gpt2") else "llama"
+    kw = {"tie_embeddings": kind.endswith("-tied")} if "tied" in kind else {}
+    if kind == "llama-qknorm-relu2":
+        kw = {"qk_norm": True, "ffn": "relu2_mlp"}
+    model = Transformer(tiny_config(family, **kw))
+    if kind == "lora":
+        apply_lora(model, rank=2, alpha=4, targets=["q_proj", "v_proj", "down_proj"])
+    opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95), optimizer="muon", muon_lr=0.02)
+    muon, adamw = _groups_by_kind(opt)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in trainable) and len(set(grouped)) == len(grouped)
+    assert sorted(id(p) for p in muon + adamw) == sorted(grouped)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if kind == "lora":  # only adapters train; LoRA's low-rank factors stay with AdamW
+        assert not isinstance(opt, MuonAdamW) and all("lora_" in names[id(p)] for p in adamw)
+        return
+    # Muon: exactly the attention and MLP projection matrices
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    want = {
+        n for n, p in model.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in projections
+    }
+    assert {names[id(p)] for p in muon} == want and all(p.dim() == 2 for p in muon)
+    # AdamW: embeddings, the head (when untied), norms (the QK-norms too) and biases
+    adamw_names = {names[id(p)] for p in adamw}
+    assert "embed_tokens.weight" in adamw_names
+    assert ("lm_head.weight" in adamw_names) == (not model.lm_head_weight_tied())
+    if kind == "llama-qknorm-relu2":
+        assert "layers.0.self_attn.q_norm.weight" in adamw_names
+
+
+def test_schedule_drives_both_learning_rates_and_muon_trains():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("llama", qk_norm=True))
+    opt = build_optimizer(model, 3e-3, 0.0, (0.9, 0.95), optimizer="muon", muon_lr=0.02)
+    set_lr(opt, 1.5e-3)  # half the peak: both optimizers at half their peaks
+    adamw, muon = opt.optimizers
+    assert all(g["lr"] == pytest.approx(1.5e-3) for g in adamw.param_groups)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.01)
+    x = torch.randint(0, 64, (8, 16))  # a fixed batch: the loss must fall well below its start
+    first = None
+    for _ in range(15):
+        loss = model(x[:, :-1], targets=x[:, 1:])
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert loss.item() < first - 1.0, (first, loss.item())
+
+
+def test_muon_state_dict_round_trips_into_a_fresh_optimizer():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("gpt2"))
+    opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95), optimizer="muon")
+    x = torch.randint(0, 64, (4, 9))
+    model(x[:, :-1], targets=x[:, 1:]).backward()
+    opt.step()
+    sd = opt.state_dict()
+    n = sum(len(g["params"]) for g in opt.param_groups)
+    assert sorted(sd["state"]) == list(range(n))  # torch's layout: one numbering across both optimizers
+    fresh = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95), optimizer="muon")
+    fresh.load_state_dict(sd)
+    for a, b in zip(fresh.optimizers, opt.optimizers, strict=True):
+        for p in a.state:
+            assert all(torch.equal(a.state[p][k], b.state[p][k]) for k in b.state[p])
+    plain = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95))
+    with pytest.raises(ValueError, match="another train.optimizer"):
+        fresh.load_state_dict(plain.state_dict())
+
+
+def test_muon_run_resumes_bitwise(tmp_path):
+    ov = {
+        "train.optimizer": "muon",
+        "train.max_steps": "20",
+        "checkpoint.every_steps": "5",
+        "eval.every": "0",
+        "dropout": "0",
+    }
+    W.run(str(tmp_path / "ref"), ov)
+    run = tmp_path / "run"
+    W.run(str(run), ov)
+    # back to step 15: the last checkpoint and the end of the run removed, then resumed to step 20
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-00000020")
+    assert W.run(str(run), ov, resume=True)["step"] == 20
+    a, b = (
+        load_file(str(run / "final" / "model.safetensors")),
+        load_file(str(tmp_path / "ref/final/model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and Muon changed the result: an AdamW run of the same length ends elsewhere
+    W.run(str(tmp_path / "adamw"), {**ov, "train.optimizer": "adamw"})
+    c = load_file(str(tmp_path / "adamw/final/model.safetensors"))
+    assert not torch.equal(a["layers.0.self_attn.q_proj.weight"], c["layers.0.self_attn.q_proj.weight"])
+
+
+def test_muon_with_fsdp_is_refused_in_one_line():
+    from yuyan.config import apply_overrides
+    from yuyan.train import TrainConfig
+
+    cfg = apply_overrides(TrainConfig(), {"train.optimizer": "muon", "distributed": "fsdp"})
+    with pytest.raises(UserError, match="muon is not supported with distributed = fsdp"):
+        cfg.validate()
+    apply_overrides(TrainConfig(), {"train.optimizer": "muon", "distributed": "ddp"}).validate()
+
+
+def test_muon_under_ddp_matches_one_process(tmp_path):
+    # DDP hands the optimizer whole tensors (gradients all-reduced), so Muon runs as in one process
+    import json
+    import os
+    import socket
+    import subprocess
+
+    one = {"train.optimizer": "muon", "train.batch_size": "8", "train.max_steps": "8", "dropout": "0"}
+    one["eval.every"] = "4"
+    W.run(str(tmp_path / "one"), one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = str(Path(__file__).parent / "_train_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port)]
+    cmd += [worker, str(tmp_path / "two"), json.dumps({**one, "train.batch_size": "4"})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) < 1e-3
