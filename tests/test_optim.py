@@ -165,3 +165,12 @@ def test_muon_under_ddp_matches_one_process(tmp_path):
     b = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) < 1e-3
+
+
+@pytest.mark.parametrize(("first", "then"), [("adamw", "muon"), ("muon", "adamw")])
+def test_resume_with_another_optimizer_is_refused(tmp_path, first, then):
+    ov = {"train.max_steps": "6", "checkpoint.every_steps": "3", "eval.every": "0"}
+    W.run(str(tmp_path), {**ov, "train.optimizer": first})
+    shutil.rmtree(tmp_path / "final")
+    with pytest.raises(UserError, match="resume with the same optimizer"):
+        W.run(str(tmp_path), {**ov, "train.optimizer": then}, resume=True)

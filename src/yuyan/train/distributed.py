@@ -141,6 +141,12 @@ def load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: 
         return
     inner = _inner(model)
     sd = optimizer.state_dict()
+    saved, now = (sorted({g.get("optimizer", "adamw") for g in s["param_groups"]}) for s in (state, sd))
+    if saved != now:  # train.optimizer changed: the state would land in the wrong optimizer
+        raise UserError(
+            f"the checkpoint was trained with train.optimizer {'+'.join(saved)}, this run uses "
+            f"{'+'.join(now)}: resume with the same optimizer, or start a new run"
+        )
     idx = {n: i for i, n in enumerate(_param_order(inner, optimizer))}
     missing = sorted(set(idx) - set(state["state"]))
     if missing and state["state"]:

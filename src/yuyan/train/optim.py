@@ -8,7 +8,8 @@ adapters. Matrices (embeddings, linear weights) get weight decay; vectors (biase
 the embeddings, the lm_head (and any head over the model), norms, biases and LoRA's low-rank factors. The
 two run as one `MuonAdamW` with one list of param_groups, so the loop's schedule, clipping, zero_grad and the
 checkpoint's state dict see one optimizer; each group's `lr_scale` sets its peak relative to `lr` (Muon's
-is muon_lr / lr), so one schedule drives both. The schedule is a pure function of (step, total_steps), so it
+is muon_lr / lr), so one schedule drives both; each group's `optimizer` names its optimizer, so a resume
+with another train.optimizer is refused. The schedule is a pure function of (step, total_steps), so it
 needs no state of its own beyond `total_steps`, which the loop may refit to a wall-clock budget
 (`max_time`) and stores in the trainer state.
 """
@@ -37,7 +38,10 @@ def param_groups(model: nn.Module, weight_decay: float, exclude: frozenset[int] 
         (decay if p.dim() >= 2 else no_decay).append(p)
     if not decay and not no_decay and not exclude:
         raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "optimizer": "adamw"},
+        {"params": no_decay, "weight_decay": 0.0, "optimizer": "adamw"},
+    ]
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -134,7 +138,7 @@ def build_optimizer(
     adamw = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
     if not hidden:
         return adamw
-    muon_group = {"params": hidden, "lr": muon_lr, "lr_scale": muon_lr / lr}
+    muon_group = {"params": hidden, "lr": muon_lr, "lr_scale": muon_lr / lr, "optimizer": "muon"}
     return MuonAdamW(torch.optim.Muon([muon_group], lr=muon_lr, weight_decay=weight_decay), adamw)
 
 
