@@ -16,14 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig
 from yuyan.generate.scheduler import Scheduler
 from yuyan.model.checkpoint import LanguageModel
@@ -46,7 +50,17 @@ class Server:
     sched: Scheduler
     config: ServeConfig
     own: bool  # the scheduler was made here: started and stopped with the app
+    prompts: protocol.Prompts
+    # tokenising and checking requests: one thread, off the event loop and the decode loop, so that
+    # large requests queue behind each other and take at most one core from the streams
+    prepare: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="yuyan-prepare")
+    )
     created: int = field(default_factory=lambda: int(time.time()))
+
+    async def off_loop(self, fn: Callable, *args):
+        """fn(*args) on the prepare thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.prepare, fn, *args)
 
     @property
     def context(self) -> int:
@@ -62,17 +76,35 @@ class Server:
         }
 
 
+def check_finite_logits(lm: LanguageModel, name: str) -> None:
+    """Refuse a model whose logits are not finite (NaN or infinite weights, or weights that overflow):
+    every request would fail, and the sampling error would blame the client's settings."""
+    tok = lm.tokenizer
+    probe = next((i for i in (tok.eot_id, tok.bos_id, 0) if i is not None), 0)
+    param = next(lm.model.parameters())
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([[probe]], device=param.device))
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(
+            f"the model {name!r} produced non-finite logits (NaN or infinity) for a single token: its "
+            "weights are broken (a diverged run or a damaged file); serve another checkpoint"
+        )
+
+
 def create_app(
     lm: LanguageModel, config: ServeConfig | None = None, scheduler: Scheduler | None = None
 ) -> FastAPI:
     """The FastAPI app over a loaded `LanguageModel` (model + tokenizer). Without a scheduler one is made,
-    started and stopped with the app's lifespan; a given scheduler is the caller's to start and stop."""
-    config = config or ServeConfig()
+    started and stopped with the app's lifespan; a given scheduler is the caller's to start and stop.
+    Raises UserError for settings that bound nothing or a model whose logits are not finite."""
+    config = (config or ServeConfig()).validate()
+    check_finite_logits(lm, config.model_name)
     sched = scheduler or Scheduler(
         lm.model, lm.tokenizer, max_batch=config.max_batch, max_queue=config.max_queue, threads=config.threads
     )
     app = FastAPI(title="yuyan", version="1", lifespan=_lifespan, docs_url=None, redoc_url=None)
-    app.state.server = Server(lm, sched, config, own=scheduler is None)
+    prompts = protocol.Prompts.of(lm.tokenizer, sched.block_size)
+    app.state.server = Server(lm, sched, config, own=scheduler is None, prompts=prompts)
     app.state.scheduler, app.state.config = sched, config
     app.add_middleware(Guard, config=config)
     install_error_handlers(app)
@@ -96,6 +128,7 @@ async def _lifespan(app: FastAPI):
         "required" if s.config.api_key else "not required",
     )
     yield
+    s.prepare.shutdown(wait=False, cancel_futures=True)
     if s.own:
         await run_in_threadpool(s.sched.stop)
 
@@ -108,7 +141,8 @@ async def _answer(
     s: Server, body, chat: bool, prompts: list[list[int]], gen: GenerationConfig, request: Request
 ):
     """Submit the prompts and answer: a stream of events, or the whole response once all are done."""
-    job = Job(s.sched).submit(prompts, gen, "messages" if chat else "prompt")
+    job = Job(s.sched)  # made on the event loop, which its events are delivered to
+    await s.off_loop(job.submit, prompts, gen, "messages" if chat else "prompt")  # checks every prompt
     reply = protocol.reply_for(body, chat, prompts, gen, s.config.model_name)
     if body.stream:
         return protocol.streaming_response(job, reply)
@@ -141,16 +175,14 @@ async def model_info(model_id: str, request: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     s = _server(request)
-    prompts, gen = await run_in_threadpool(
-        protocol.completion_request, body, s.lm.tokenizer, s.config, s.context
-    )
+    prompts, gen = await s.off_loop(protocol.completion_request, body, s.prompts, s.config)
     return await _answer(s, body, False, prompts, gen, request)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = _server(request)
-    ids, gen = await run_in_threadpool(protocol.chat_request, body, s.lm.tokenizer, s.config, s.context)
+    ids, gen = await s.off_loop(protocol.chat_request, body, s.prompts, s.config)
     return await _answer(s, body, True, [ids], gen, request)
 
 
@@ -160,10 +192,9 @@ async def inspect_attention(body: InspectRequest, request: Request):
     s = _server(request)
     protocol.check_model(body.model, s.config)
     model, tok = s.lm.model, s.lm.tokenizer
-    ids = await run_in_threadpool(tok.encode, body.text)
+    ids = await s.off_loop(s.prompts.last_tokens, body.text, min(s.config.inspect_max_tokens, s.context))
     if not ids:
         raise ApiError(400, "the text has no tokens; give some text", "text")
-    ids = ids[-min(s.config.inspect_max_tokens, s.context) :]
     tokens, layers = await asyncio.wrap_future(s.sched.run_exclusive(lambda: attention_view(model, tok, ids)))
     return {
         "model": s.config.model_name,
@@ -180,4 +211,4 @@ async def playground():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
-__all__ = ["create_app"]
+__all__ = ["check_finite_logits", "create_app"]

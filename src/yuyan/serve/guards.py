@@ -4,7 +4,7 @@
 configured host and `allowed_hosts`: a 421 otherwise, so a web page cannot reach a loopback server by DNS
 rebinding); an API key (`Authorization: Bearer` or `x-api-key`, compared with `hmac.compare_digest`) on
 everything but /health and the static playground; the request body (413 over its size, 408 when it has
-not arrived whole within `body_timeout_s`; either closes the connection), read whole before the app sees
+not arrived whole within `body_timeout_s`, which closes the connection), read whole before the app sees
 it so that no route ever parses an unbounded body; and the requests in flight (429 + Retry-After),
 counted only once the body is in, so that slow bodies hold their own connections and nobody else's turn
 (/health is never counted, so it answers under any load).
@@ -187,7 +187,8 @@ class Guard:
         self, receive: Receive, headers: dict[str, bytes]
     ) -> tuple[bytes | None, ApiError | None]:
         """(the whole body, None), (None, the 413 or 408 refusal), or (None, None) if the client left.
-        A refusal closes the connection: the rest of the body is never read."""
+        A 408 closes the connection (its body is slow by definition); after a 413 the rest of the body
+        is discarded as it arrives, for at most the header deadline (http.py)."""
         limit, deadline = self.config.max_body_bytes, self.config.body_timeout_s
         close = {"Connection": "close"}
         too_big = ApiError(
@@ -195,8 +196,7 @@ class Guard:
             f"request body is larger than the limit of {limit} bytes; send less (the server's "
             "--max-body-bytes)",
             code="request_too_large",
-            headers=close,
-        )
+        )  # the connection stays open so the client reads this; http.py bounds the rest of its body
         try:
             declared = int(headers.get("content-length", b"0") or 0)
         except ValueError:
@@ -243,15 +243,22 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
     return e.response()
 
 
+def _union_tag(loc: object) -> bool:
+    """pydantic's name of a union branch in an error's location (`str`, `list[TextPart]`), not a field."""
+    return isinstance(loc, str) and ("[" in loc or loc in ("str", "int", "float", "bool"))
+
+
 async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
     """pydantic's first complaint, with the field path as OpenAI's `param`."""
     errs = e.errors()
-    first = errs[0] if errs else {}
-    if first.get("type") == "json_invalid":
+    if any(x.get("type") == "json_invalid" for x in errs):
         return ApiError(
             400, "the request body is not valid JSON; send a JSON object", code="invalid_json"
         ).response()
-    param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+    # a union field fails once per branch: the deepest complaint is the one that names what is wrong
+    # (`content.0.text` holds a lone surrogate, not "content should be a string")
+    first = max(errs, key=lambda x: len(x.get("loc", ())), default={})
+    param = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x)) or None
     msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     return ApiError(400, msg[:500], param, first.get("type")).response()
 

@@ -5,7 +5,8 @@ many connections may sit open: an idle socket that never sends a byte stays open
 `limit_concurrency` counts such sockets, so a few hundred of them make every request (/health included)
 a 503. `BoundedH11Protocol` adds the two missing bounds at the connection: a header deadline (the
 request line and headers must arrive within `header_timeout_s` of the connection opening or of the
-previous response, else the connection is closed; a slow trickle of header bytes does not extend it),
+previous response, else the connection is closed; a slow trickle of header bytes does not extend it, and
+the rest of a body already answered, e.g. by a 413, is discarded for that long at most),
 and a cap on open connections (`max_open_connections`) that keeps the server answering: above it, the
 oldest connection that is not inside a request (idle, keep-alive, or still sending headers) is closed to
 make room, and only when every connection is inside a request is the new one refused. uvicorn's own
@@ -39,6 +40,7 @@ class BoundedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self.opened = self.loop.time()
         self.header_deadline: asyncio.TimerHandle | None = None
+        self.drain_deadline: asyncio.TimerHandle | None = None
         self._arm_header_deadline()
         if len(self.connections) > self.max_open_connections:
             self._make_room()
@@ -50,10 +52,16 @@ class BoundedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._arm_header_deadline()  # the next request on this connection gets its own deadline
+        if self.conn.their_state is h11.SEND_BODY:  # answered (a 413) while its body still arrives:
+            # what is left is discarded, for a header deadline's time at most
+            self.drain_deadline = self.loop.call_later(self.header_timeout_s, self.transport.close)
+        else:
+            self._arm_header_deadline()  # the next request on this connection gets its own deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
+        if self.drain_deadline is not None:
+            self.drain_deadline.cancel()
         super().connection_lost(exc)
 
     def waiting_for_headers(self) -> bool:

@@ -110,8 +110,80 @@ def _prompt_list(prompt: str | list) -> list:
     return list(prompt)
 
 
+def longest_token_bytes(tok: Tokenizer) -> int | None:
+    """An upper bound on the UTF-8 bytes of input one token can stand for, or None when the tokenizer
+    normalizes its input (a normalizer may shrink or drop text, so the input's size bounds nothing).
+    A token's piece holds one character per byte for byte-level BPE and at least one per byte otherwise,
+    so the longer of its piece and its decoded text, in bytes, bounds the input it covers."""
+    if tok.tok.normalizer is not None:
+        return None
+    longest = 1
+    for i in range(tok.vocab_size):
+        piece = tok.tok.id_to_token(i) or ""
+        longest = max(longest, len(piece.encode("utf-8", "replace")), len(tok.decode([i]).encode()))
+    return longest
+
+
+@dataclass
+class Prompts:
+    """What a server knows to refuse a prompt before tokenising it: the context, and how many bytes of
+    text can fit in it at most (the context x the longest token's bytes; None: unknown)."""
+
+    tok: Tokenizer
+    block_size: int
+    max_bytes: int | None
+
+    @classmethod
+    def of(cls, tok: Tokenizer, block_size: int) -> Prompts:
+        longest = longest_token_bytes(tok)
+        return cls(tok, block_size, None if longest is None else block_size * longest)
+
+    def too_long(self, param: str, size: int, unit: str) -> ApiError:
+        what = "tokens" if unit == "tokens" else "bytes of UTF-8"
+        why = "" if unit == "tokens" else f", more than {self.max_bytes} bytes of text can fill"
+        return ApiError(
+            400,
+            f"the {param} is {size} {what}; this model's maximum context length is {self.block_size} "
+            f"tokens{why}; shorten it",
+            param,
+            "context_length_exceeded",
+        )
+
+    def check_text(self, param: str, texts: list[str]) -> None:
+        """Refuse text that cannot fit the context, at the cost of counting its bytes, not tokenising it:
+        a 1 MB prompt is a 400 in microseconds and never holds the tokenizer (or the GIL)."""
+        if self.max_bytes is None:
+            return
+        size = sum(len(t.encode()) for t in texts)  # a C loop: ~0.3 ms per MB
+        if size > self.max_bytes:
+            raise self.too_long(param, size, "bytes")
+
+    def encode(self, prompts: list) -> list[list[int]]:
+        """Texts and id lists as ids: texts are checked against the byte bound, then tokenised together
+        by `encode_batch`, which releases the GIL (`encode` holds it: 0.7 s for 1 MB, stalling every
+        stream); id lists longer than the context are refused before they are read."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        self.check_text("prompt", texts)
+        for p in prompts:
+            if not isinstance(p, str) and len(p) > self.block_size:
+                raise self.too_long("prompt", len(p), "tokens")
+        encoded = iter(self.tok.encode_batch(texts) if texts else [])
+        try:
+            return [encode_prompt(self.tok, next(encoded) if isinstance(p, str) else p) for p in prompts]
+        except UserError as e:
+            raise ApiError(400, str(e), "prompt") from None
+
+    def last_tokens(self, text: str, keep: int) -> list[int]:
+        """The last `keep` tokens of a text, tokenising only its end: the last (keep + 16) x the longest
+        token's bytes characters, enough for keep + 16 tokens (the first few of a cut may differ from
+        the whole text's, so 16 spare ones are cut off). The whole text without a byte bound."""
+        if self.max_bytes is not None:
+            text = text[-(keep + 16) * (self.max_bytes // self.block_size) :]
+        return self.tok.encode_batch([text])[0][-keep:]
+
+
 def completion_request(
-    body: CompletionRequest, tok: Tokenizer, config: ServeConfig, block_size: int
+    body: CompletionRequest, prompts_of: Prompts, config: ServeConfig
 ) -> tuple[list[list[int]], GenerationConfig]:
     """A completions body as (the prompts' ids, their shared config). Tokenizes: run it off the event loop."""
     check_model(body.model, config)
@@ -119,19 +191,16 @@ def completion_request(
     if not 1 <= len(prompts) <= MAX_PROMPTS:
         raise ApiError(400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", "prompt")
     _check_n(body.n or 1, len(prompts), config)
-    try:
-        ids = [encode_prompt(tok, p) for p in prompts]
-    except UserError as e:
-        raise ApiError(400, str(e), "prompt") from None
+    ids = prompts_of.encode(prompts)
     default = COMPLETION_DEFAULT_MAX_TOKENS
     if not _sliding_window(body, config):  # a default that fits every prompt's context is never refused
-        default = min(default, block_size - max(len(x) for x in ids))
+        default = min(default, prompts_of.block_size - max(len(x) for x in ids))
     mt = _max_new_tokens(body.max_tokens, default, config)
     return ids, generation_config(body, config, mt, body.logprobs)
 
 
 def chat_request(
-    body: ChatCompletionRequest, tok: Tokenizer, config: ServeConfig, block_size: int
+    body: ChatCompletionRequest, prompts_of: Prompts, config: ServeConfig
 ) -> tuple[list[int], GenerationConfig]:
     """A chat body as (the templated conversation's ids, its config). Tokenizes: run it off the event loop."""
     check_model(body.model, config)
@@ -141,9 +210,11 @@ def chat_request(
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]
+    prompts_of.check_text("messages", [m["content"] for m in messages])
+    tok = prompts_of.tok
     ids, _ = tok.apply_chat_template(messages, add_generation_prompt=True)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    mt = _max_new_tokens(asked, block_size - len(ids), config)
+    mt = _max_new_tokens(asked, prompts_of.block_size - len(ids), config)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return ids, generation_config(body, config, mt, logprobs, list(tok.chat_stop_ids) or None)
 
@@ -365,6 +436,8 @@ __all__ = [
     "collect",
     "completion_logprobs",
     "completion_request",
+    "longest_token_bytes",
+    "Prompts",
     "finish_chunk",
     "generation_config",
     "reply_for",

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible API (pydantic), and the shape of its errors.
 
 Types are strict (a string where a number belongs is a 400, not silently coerced), numbers must be finite,
-every list and string that reaches the engine has a bound, and unknown fields are ignored (OpenAI clients
+every list and string that reaches the engine has a bound, every string is text (a lone surrogate is a
+400 naming its field), and unknown fields are ignored (OpenAI clients
 send fields we do not use, such as `stream_options` extras). Field ranges follow OpenAI's documentation;
 `top_k`, `min_p`, `repetition_penalty` and `sliding_window` are extensions (as vLLM adds `top_k`).
 Responses are plain dicts built in protocol.py in OpenAI's shapes.
@@ -11,15 +12,37 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch.Generator.manual_seed's range, with room for seed + j
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 MAX_PROMPTS = 64  # a completions request may carry a list of prompts
 
 
+def _no_lone_surrogate(value: object) -> None:
+    """JSON's `\\ud800` escapes decode to a lone surrogate, a str that is not text (it has no UTF-8): it
+    would fail in the tokenizer or in the response. Refused here, so the 400 names the field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text; send "
+                "valid Unicode (a character beyond U+FFFF is a pair of escapes)"
+            ) from None
+    elif isinstance(value, list):
+        for v in value:
+            _no_lone_surrogate(v)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _text_only(cls, value: object) -> object:
+        _no_lone_surrogate(value)
+        return value
 
 
 class StreamOptions(_Strict):
