@@ -3,9 +3,10 @@
 CPUs differ more than their names say: on an Intel Xeon with AMX a bf16 matmul runs ~10x an fp32 one, on an
 AMD Zen 4 (AVX-512, no matrix unit) about the same, and on CPUs without bf16 instructions it is emulated and
 slower. So `choose` never looks at the CPU's name: it times a matmul of the shape the work will run (training:
-tokens x d_model by d_model x d_ff; decoding: a few rows by the same matrix) in float32 and in bfloat16,
-interleaved, best of several repetitions within a fraction of a second, and takes bf16 when it wins by
-`MARGIN`. The figures are cached per machine (CPU flags, torch version, threads, shape) in
+tokens x d_model by d_model x d_ff) in float32 and in bfloat16, or the work's own paths where it passes
+`timers` (decoding: one row through every weight matrix of the model, on the paths decoding takes in each
+format; `yuyan.generate.kernels.decode_precision`), interleaved, best of several repetitions within a
+fraction of a second, and takes bf16 when it wins by `MARGIN`. The figures are cached per machine (CPU flags, torch version, threads, shape) in
 `$YUYAN_CACHE_DIR/precision.json` (default ~/.cache/yuyan), so a second run pays nothing. On CUDA, auto is
 bf16 where the GPU supports it. The choice carries its reason, which `yuyan demo` and the training log print.
 """
@@ -16,12 +17,14 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 MARGIN = 1.3  # bf16 must be this much faster than fp32 on the timed matmul to be chosen
+Timers = tuple[Callable[[], float], Callable[[], float]]  # (fp32, bf16) -> GFLOP/s of one timed run
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -79,24 +82,43 @@ def time_matmul(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 5) -> fl
     return 2 * m * k * n / max(best, 1e-9) / 1e9
 
 
-def measure(m: int, k: int, n: int, budget_s: float = 0.6) -> tuple[float, float]:
-    """(fp32, bf16) GFLOP/s for this matmul shape on this machine, from the cache or timed now.
+def best_gflops(fn: Callable[[], object], flops: float, reps: int = 3) -> float:
+    """GFLOP/s of `fn` (work of `flops`): the best of `reps` timed calls after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return flops / max(best, 1e-9) / 1e9
 
-    The two formats are timed in alternating rounds until `budget_s` is spent and each keeps its best, so
-    a burst of load from another process costs both alike instead of deciding the choice.
+
+def measure(
+    m: int, k: int, n: int, budget_s: float = 0.6, timers: Timers | None = None, label: str = ""
+) -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s for this work on this machine, from the cache or timed now.
+
+    The work is an (m, k) @ (k, n) matmul, or what `timers` (fp32, bf16: each returns GFLOP/s of one timed
+    run, e.g. through `best_gflops`) time, cached under `label` and the shape. The two formats are timed in
+    alternating rounds until `budget_s` is spent and each keeps its best, so a burst of load from another
+    process costs both alike instead of deciding the choice.
     """
-    path, key = cache_path(), f"{machine_key()}:{m}x{k}x{n}"
+    path, key = cache_path(), f"{machine_key()}:{label + ':' if label else ''}{m}x{k}x{n}"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
     if isinstance(cached, dict) and isinstance(cached.get(key), list) and len(cached[key]) == 2:
         return float(cached[key][0]), float(cached[key][1])
+    time_fp32, time_bf16 = timers or (
+        lambda: time_matmul(m, k, n, torch.float32, reps=3),
+        lambda: time_matmul(m, k, n, torch.bfloat16, reps=3),
+    )
     fp32 = bf16 = 0.0
     start = time.perf_counter()
     for _ in range(8):
-        fp32 = max(fp32, time_matmul(m, k, n, torch.float32, reps=3))
-        bf16 = max(bf16, time_matmul(m, k, n, torch.bfloat16, reps=3))
+        fp32 = max(fp32, time_fp32())
+        bf16 = max(bf16, time_bf16())
         if time.perf_counter() - start > budget_s:
             break
     cached = cached if isinstance(cached, dict) else {}
@@ -111,8 +133,19 @@ def measure(m: int, k: int, n: int, budget_s: float = 0.6) -> tuple[float, float
     return fp32, bf16
 
 
-def choose(requested: str, device: torch.device | str, m: int, k: int, n: int) -> PrecisionChoice:
-    """The precision for work whose matmuls look like (m, k) @ (k, n): `requested` unless it is auto."""
+def choose(
+    requested: str,
+    device: torch.device | str,
+    m: int,
+    k: int,
+    n: int,
+    timers: Timers | None = None,
+    label: str = "",
+) -> PrecisionChoice:
+    """The precision for work whose matmuls look like (m, k) @ (k, n): `requested` unless it is auto.
+
+    `timers` and `label` (see `measure`) replace the plain matmul by the work's own timed paths: decoding
+    times its kernels over a model's weights (yuyan.generate.kernels.decode_precision)."""
     device = torch.device(device)
     if requested not in ("auto", *DTYPES):
         raise ValueError(f"precision must be auto, {', '.join(DTYPES)}; got {requested!r}")
@@ -123,15 +156,25 @@ def choose(requested: str, device: torch.device | str, m: int, k: int, n: int) -
         return PrecisionChoice("bf16" if ok else "fp32", "CUDA" + ("" if ok else " without bf16 support"))
     if device.type != "cpu":
         return PrecisionChoice("fp32", f"auto on {device.type}: no measurement, fp32")
-    fp32, bf16 = measure(max(m, 1), max(k, 1), max(n, 1))
+    m, k, n = max(m, 1), max(k, 1), max(n, 1)
+    fp32, bf16 = measure(m, k, n) if timers is None else measure(m, k, n, timers=timers, label=label)
     ratio = bf16 / max(fp32, 1e-9)
     name = "bf16" if ratio >= MARGIN else "fp32"
     how = ">=" if name == "bf16" else "<"
     reason = (
-        f"timed {m}x{k}x{n} matmul: bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s = {ratio:.2f}x "
+        f"timed {m}x{k}x{n} {label or 'matmul'}: bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s = {ratio:.2f}x "
         f"({how} the {MARGIN}x margin)"
     )
     return PrecisionChoice(name, reason, fp32, bf16)
 
 
-__all__ = ["MARGIN", "PrecisionChoice", "choose", "measure", "time_matmul", "cache_path"]
+__all__ = [
+    "MARGIN",
+    "PrecisionChoice",
+    "Timers",
+    "choose",
+    "measure",
+    "best_gflops",
+    "time_matmul",
+    "cache_path",
+]
