@@ -52,7 +52,7 @@ def test_prepare_writes_documents_joined_by_eot(tmp_path, tokenizer):
         assert sh.bytes_per_token(split) == meta["splits"][split]["bytes"] / len(want)
     assert meta["dtype"] == "uint16" and sh.array("train").dtype == np.uint16
     assert meta["tokenizer_fingerprint"] == tokenizer.fingerprint and meta["corpus_fingerprint"]
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [".yuyan-output", "meta.json", "train.bin", "val.bin"]
 
     # same inputs: nothing is rewritten
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -203,7 +203,8 @@ def test_sigkill_mid_prepare_leaves_nothing_and_rerun_matches(tmp_path, tokenize
         TokenShards(out)
 
     prepare(str(corpus), tokenizer, out, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # temp dir removed
+    # temp dir removed; the marker says the folder is ours
+    assert sorted(p.name for p in out.iterdir()) == [".yuyan-output", "meta.json", "train.bin", "val.bin"]
     for f in ("train.bin", "val.bin"):
         assert (out / f).read_bytes() == (clean / f).read_bytes()
     a, b = (json.loads((d / "meta.json").read_text()) for d in (out, clean))

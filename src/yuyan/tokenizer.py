@@ -26,6 +26,21 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOT, *CHAT_TOKENS, PAD]
 
 
+def _not_text(text: object) -> str:
+    """Why `text` cannot be encoded: not a string, or a lone surrogate (bytes that were not UTF-8, e.g. a
+    command-line argument decoded with surrogateescape); "" when it is fine."""
+    if not isinstance(text, str):
+        return f"text to encode must be a string, not {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"the text holds bytes that are not valid UTF-8 (a lone surrogate {text[e.start]!r} at character "
+            f"{e.start}); pass UTF-8 text (check the terminal's or the file's encoding)"
+        )
+    return ""
+
+
 class Tokenizer:
     """yuyan's tokenizer: `encode`, `decode`, `encode_batch`, `stream()`, `apply_chat_template`."""
 
@@ -102,13 +117,29 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side refuses lone surrogates with a bare "must be str"
+            raise UserError(_not_text(text) or "text to encode must be a string") from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+        except TypeError:
+            raise UserError(
+                next((_not_text(t) for t in texts if _not_text(t)), "texts must be strings")
+            ) from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of `ids`; an id outside the vocabulary is an error (the library would drop it)."""
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise UserError(
+                f"token id {bad} is not in the tokenizer's vocabulary (0..{self.vocab_size - 1}); "
+                "the ids come from another tokenizer or a model with a larger vocabulary"
+            )
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)

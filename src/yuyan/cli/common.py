@@ -34,14 +34,44 @@ MODEL_HELP = "checkpoint folder, Hugging Face folder or hf:NAME"
 MODEL = typer.Option(..., "--model", "-m", help=MODEL_HELP)
 QUANTIZE = typer.Option(None, "--quantize", help="int8: int8 weights for faster CPU decoding")
 QUANTIZE_CHOICES = ("int8",)
+DTYPE_HELP = "decode weights auto|fp32|bf16 (auto: bf16 where a timed decode step on this machine says it pays)"
+DTYPE = typer.Option("auto", "--dtype", help=DTYPE_HELP)
+DTYPE_CHOICES = ("auto", "fp32", "bf16")
+FORCE_HELP = "write into a non-empty folder that yuyan did not write (nothing already in it is deleted)"
+FORCE = typer.Option(False, "--force", help=FORCE_HELP)
 
 
-def load_model(spec: str, quantize: str | None = None, device: str | None = None):
-    """The `LanguageModel` behind a --model spec (yuyan.model.load), with int8 weights for --quantize int8.
+def output_dir(out, force: bool, *sources, command: str = ""):
+    """The one safe-output-folder check every command that writes a folder makes before any work
+    (yuyan.fsutil.claim_output_dir): refused when not empty and not ours (unless --force) or when it is,
+    holds or lies in one of the command's inputs; then created and marked ours."""
+    from yuyan.fsutil import claim_output_dir
 
-    The --quantize value is checked before the (slow) load; a bad spec is load()'s one-line UserError."""
+    return claim_output_dir(out, force=force, sources=tuple(s for s in sources if s), command=command)
+
+
+def run_folder(out, force: bool, *sources, command: str = ""):
+    """output_dir for a training run's folder, then its lock (yuyan.model.checkpoint.lock_run_dir), taken
+    before the recipe writes anything there: a second run on the folder fails at once with the holder's pid.
+    Under torchrun only rank 0 (RANK, which torchrun sets) holds it, as in fit(). Keep the returned lock
+    alive for the command's duration; the kernel drops it when the process ends."""
+    import os
+
+    from yuyan.model.checkpoint import lock_run_dir
+
+    output_dir(out, force, *sources, command=command)
+    return lock_run_dir(out, main=os.environ.get("RANK", "0") == "0")
+
+
+def load_model(spec: str, quantize: str | None = None, device: str | None = None, dtype: str | None = None):
+    """The `LanguageModel` behind a --model spec (yuyan.model.load), with int8 weights for --quantize int8
+    and, given --dtype, laid out for decoding in that number format (yuyan.generate.kernels.decode_layout).
+
+    --quantize and --dtype are checked before the (slow) load; a bad spec is load()'s one-line UserError."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise UserError(f"unknown --quantize {quantize!r}; the only choice is int8")
+    if dtype is not None and dtype not in DTYPE_CHOICES:
+        raise UserError(f"unknown --dtype {dtype!r}; use auto, fp32 or bf16")
     from yuyan.model import load
 
     lm = load(spec, device)
@@ -49,6 +79,10 @@ def load_model(spec: str, quantize: str | None = None, device: str | None = None
         from yuyan.model.quantize import quantize_int8
 
         quantize_int8(lm.model)
+    if dtype is not None:
+        from yuyan.generate.kernels import decode_layout
+
+        decode_layout(lm.model.eval(), dtype)
     return lm
 
 
@@ -231,6 +265,11 @@ __all__ = [
     "MODEL",
     "MODEL_HELP",
     "QUANTIZE",
+    "DTYPE",
+    "DTYPE_HELP",
+    "FORCE",
+    "output_dir",
+    "run_folder",
     "HELP",
     "Setting",
     "settings",

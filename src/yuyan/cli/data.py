@@ -21,7 +21,12 @@ def prepare_cmd(
     text_field: str = typer.Option("text", "--text-field", help="JSONL field that holds the text"),
     extensions: str = typer.Option(None, "--extensions", help="comma list of file extensions for folders"),
     workers: int = typer.Option(None, "--workers", help="tokenizer threads (default: all cores)"),
-    force: bool = typer.Option(False, "--force", help="rebuild even when the shards are up to date"),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="rebuild even when the shards are up to date, and write into a non-empty folder yuyan did not "
+        "write (nothing already in it is deleted)",
+    ),
 ) -> None:
     """Tokenize a corpus into memmapped token shards for training.
 

@@ -1,7 +1,9 @@
 """`main()`, the `yuyan` command: registers every command module on the app and runs it.
 
 Each command is a thin call into the library. A `UserError` from anywhere becomes one clear line on
-stderr (`error: ...`) and exit status 2; warnings become `warning: ...` lines as they happen.
+stderr (`error: ...`) and exit status 2, and so does an OS failure (ENOSPC, EACCES, EROFS, ... or torch's
+and safetensors' wrapped write errors), through yuyan.fsutil's one mapper; warnings become `warning: ...`
+lines as they happen.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from yuyan.cli import tokenizer, data, model, train, generate, finetune, evaluat
 from yuyan.cli.app import app
 from yuyan.cli.common import warnings_as_lines
 from yuyan.errors import UserError
+from yuyan.fsutil import is_os_failure, os_error_line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,6 +27,15 @@ def main(argv: list[str] | None = None) -> None:
             app(args=argv, standalone_mode=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:  # `yuyan ... | head`: the reader left; nothing to report
+        sys.stderr.close()
+        sys.exit(1)
+    except Exception as e:
+        if not is_os_failure(e):
+            raise
+        # a full, read-only or missing disk outside the atomic writers (which map their own): one line
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,7 +12,15 @@ from pathlib import Path
 import typer
 
 from yuyan.cli.app import app
-from yuyan.cli.common import MODEL, MODEL_HELP, generation_options, load_model, setting_flags
+from yuyan.cli.common import (
+    FORCE,
+    MODEL,
+    MODEL_HELP,
+    generation_options,
+    load_model,
+    output_dir,
+    setting_flags,
+)
 from yuyan.errors import UserError
 from yuyan.generate import GenerationConfig
 
@@ -45,6 +53,12 @@ def _emit(result: dict, out: Path | None, name: str | None = None) -> None:
         print(f"wrote {j} and {m}")
 
 
+def _claim(out: Path | None, force: bool, *sources) -> None:
+    """--out follows the safe-output rule (checked before any work): see cli/common.py output_dir."""
+    if out is not None:
+        output_dir(out, force, *sources, command="eval")
+
+
 def _load(model: str, device: str | None = None):
     import torch
 
@@ -67,6 +81,7 @@ def perplexity_cmd(
     max_bytes: int = typer.Option(None, help="score only the first N bytes of the corpus"),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
     out: Path = OUT,
+    force: bool = FORCE,
 ) -> None:
     """Loss, perplexity and bits per byte over a corpus (sliding window for long texts).
 
@@ -75,6 +90,7 @@ def perplexity_cmd(
     from yuyan.evaluate.perplexity import perplexity
     from yuyan.evaluate.report import make_result
 
+    _claim(out, force, model)
     split = split or ("val" if corpus == "stdlib" else "all")
     texts = _read_corpus(corpus, split, text_field, max_bytes)
     lm = _load(model, device)
@@ -201,12 +217,14 @@ def bleu_cmd(
     reference_field: str = _RF,
     prediction_field: str = _XF,
     out: Path = OUT,
+    force: bool = FORCE,
     gen: GenerationConfig = None,
 ) -> None:
     """Corpus BLEU (sacrebleu) of generated or given outputs against references.
 
     Example: yuyan eval bleu --predictions preds.jsonl --tokenize zh --out runs/eval
     """
+    _claim(out, force, model)
     _text_metric(
         "bleu",
         model,
@@ -231,12 +249,14 @@ def rouge_cmd(
     reference_field: str = _RF,
     prediction_field: str = _XF,
     out: Path = OUT,
+    force: bool = FORCE,
     gen: GenerationConfig = None,
 ) -> None:
     """ROUGE-1/2/L (rouge-score, CJK characters kept as tokens) of generated or given outputs.
 
     Example: yuyan eval rouge --model runs/sum/final --data test.jsonl --max-new-tokens 60 --out runs/eval
     """
+    _claim(out, force, model)
     _text_metric(
         "rouge",
         model,
@@ -259,6 +279,7 @@ def classify_cmd(
     label_field: str = typer.Option("label", help="label column"),
     batch_size: int = typer.Option(32, help="texts per forward pass"),
     out: Path = OUT,
+    force: bool = FORCE,
 ) -> None:
     """Accuracy, macro-F1 and confusion matrix of a fine-tuned classifier.
 
@@ -268,6 +289,7 @@ def classify_cmd(
     from yuyan.evaluate.report import make_result
     from yuyan.model.heads import Classifier
 
+    _claim(out, force, model)
     examples = read_labelled(data, text_field, label_field)
     clf = Classifier.from_pretrained(model)
     r = evaluate_classifier(clf, examples, batch_size)
@@ -287,6 +309,7 @@ def speed_cmd(
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
     threads: int = typer.Option(None, help="CPU threads for torch (default: torch's choice)"),
     out: Path = OUT,
+    force: bool = FORCE,
 ) -> None:
     """Time to first token, decode tokens/s at batch 1 and 8, peak memory, parameters, FLOPs per token.
 
@@ -297,6 +320,7 @@ def speed_cmd(
     from yuyan.evaluate.report import make_result
     from yuyan.evaluate.speed import speed
 
+    _claim(out, force, model)
     try:
         sizes = tuple(int(x) for x in batch_sizes.split(",") if x.strip())
     except ValueError:
@@ -318,6 +342,7 @@ def compare_cmd(
     a: Path = typer.Argument(..., help="first result JSON"),
     b: Path = typer.Argument(..., help="second result JSON"),
     out: Path = OUT,
+    force: bool = FORCE,
 ) -> None:
     """Two results side by side with differences (B − A and relative).
 
@@ -329,6 +354,7 @@ def compare_cmd(
     from yuyan.evaluate.report import atomic_write_text, compare, compare_markdown, format_value
 
     cmp = compare(a, b)
+    _claim(out, force)
     t = Table(title=f"A: {cmp['a']['model']}  vs  B: {cmp['b']['model']}")
     for col in ("metric", "A", "B", "B − A", "relative"):
         t.add_column(col, justify="left" if col == "metric" else "right")

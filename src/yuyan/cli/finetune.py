@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from yuyan.cli.app import app
-from yuyan.cli.common import MODEL
+from yuyan.cli.common import FORCE, MODEL, run_folder
 from yuyan.errors import UserError
 
 EXAMPLE = """
@@ -76,6 +76,7 @@ def finetune_cmd(
     lr: float | None = typer.Option(None, "--lr"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUT"),
+    force: bool = FORCE,
 ) -> None:
     from yuyan.config import apply_overrides, from_dict, load_toml, parse_overrides
     from yuyan.model.lora import LoRAConfig
@@ -84,6 +85,7 @@ def finetune_cmd(
 
     if task not in TASKS:
         raise UserError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
+    lock = run_folder(out, force, model, data, val_data, command="finetune")
     overrides = parse_overrides(list(ctx.args))
     for key, val in (
         ("train.max_steps", max_steps),
@@ -111,7 +113,8 @@ def finetune_cmd(
         pooling=pooling,
         template=template,
     )
-    res = finetune(model, out, opts, cfg, resume=resume)
+    with lock:
+        res = finetune(model, out, opts, cfg, resume=resume)
     summary = {
         k: res.get(k)
         for k in (

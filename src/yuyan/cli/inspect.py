@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from yuyan.cli.app import app
-from yuyan.cli.common import MODEL, load_model
+from yuyan.cli.common import FORCE, MODEL, load_model, output_dir
 from yuyan.errors import UserError
 
 inspect_app = typer.Typer(
@@ -28,6 +28,7 @@ def attention_cmd(
     model: str = MODEL,
     text: str = TEXT,
     out: Path = OUT,
+    force: bool = FORCE,
     layers: str = typer.Option(None, help="comma-separated layers to plot (default: all)"),
 ) -> None:
     """Attention heatmaps: one PNG per layer (a grid of heads) and attention.html to browse them.
@@ -40,6 +41,7 @@ def attention_cmd(
         chosen = [int(x) for x in layers.split(",")] if layers else None
     except ValueError:
         raise UserError(f"--layers {layers!r} must be comma-separated integers, e.g. 0,3") from None
+    output_dir(out, force, model, command="inspect")
     lm = load_model(model)
     r = render_attention(lm.model, lm.tokenizer, text, out, chosen, title=str(model))
     print(f"{len(r['tokens'])} tokens, {len(r['pngs'])} layer maps")
@@ -52,6 +54,7 @@ def logit_lens_cmd(
     model: str = MODEL,
     text: str = TEXT,
     out: Path = OUT,
+    force: bool = FORCE,
     positions: int = typer.Option(32, help="plot the last N positions"),
     top_k: int = typer.Option(5, help="predictions kept per cell in logit_lens.json"),
 ) -> None:
@@ -61,6 +64,7 @@ def logit_lens_cmd(
     """
     from yuyan.interpret.logit_lens import render_logit_lens
 
+    output_dir(out, force, model, command="inspect")
     lm = load_model(model)
     r = render_logit_lens(lm.model, lm.tokenizer, text, out, positions, top_k)
     last = [row[-1][0] for row in r["top_tokens"]]
@@ -76,6 +80,7 @@ def surprise_cmd(
     model: str = MODEL,
     text: str = TEXT,
     out: Path = OUT,
+    force: bool = FORCE,
     top: int = typer.Option(10, help="how many of the hardest tokens to list"),
 ) -> None:
     """The text coloured by per-token loss (surprise.html) and the hardest tokens.
@@ -84,6 +89,7 @@ def surprise_cmd(
     """
     from yuyan.interpret.surprise import render_surprise
 
+    output_dir(out, force, model, command="inspect")
     lm = load_model(model)
     r = render_surprise(lm.model, lm.tokenizer, text, out, top)
     print(f"mean loss {r['mean_loss']:.3f} nats/token, {r['bits_per_byte']:.3f} bits/byte; hardest tokens:")
@@ -97,6 +103,7 @@ def attribution_cmd(
     model: str = MODEL,
     text: str = TEXT,
     out: Path = OUT,
+    force: bool = FORCE,
     target: str = typer.Option(
         None, help="label (classifier) or next token (language model); default: the prediction"
     ),
@@ -111,6 +118,7 @@ def attribution_cmd(
     """
     from yuyan.interpret.attribution import Decision, render_attribution
 
+    output_dir(out, force, model, command="inspect")
     lm = load_model(model)
     if lm.meta.get("task") == "classify":
         from yuyan.model.heads import Classifier

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from yuyan.cli.app import app
-from yuyan.cli.common import load_model
+from yuyan.cli.common import FORCE, load_model
 
 convert_app = typer.Typer(
     help="Convert models between Hugging Face folders and yuyan checkpoints.", no_args_is_help=True
@@ -21,19 +21,24 @@ app.add_typer(convert_app, name="convert")
 def from_hf_cmd(
     src: str = typer.Argument(..., help="Hugging Face model folder (gpt2, llama, qwen2, mistral) or hf:NAME"),
     out: str = typer.Argument(..., help="checkpoint folder to write (replaced atomically)"),
+    force: bool = FORCE,
 ) -> None:
     """Import a Hugging Face model into a yuyan checkpoint folder.
 
     Example: yuyan convert from-hf ./gpt2-hf ./ckpt/gpt2
     """
+    from yuyan.fsutil import check_output_dir
     from yuyan.model.checkpoint import save_checkpoint
     from yuyan.model.flops import num_params
     from yuyan.model.hf import download, load_hf
 
+    check_output_dir(out, force=force, sources=(None if src.startswith("hf:") else src,))
     folder = download(src[3:]) if src.startswith("hf:") else src
     lm = load_hf(folder)
     gen = lm.meta.get("generation_config")
-    path = save_checkpoint(out, lm.model, lm.tokenizer, meta=lm.meta, generation_config=gen)
+    path = save_checkpoint(
+        out, lm.model, lm.tokenizer, meta=lm.meta, generation_config=gen, force=force, sources=(folder,)
+    )
     n = num_params(lm.model)
     print(f"wrote {path} ({lm.meta['hf_model_type']}, {n / 1e6:.2f}M parameters)")
 
@@ -43,13 +48,16 @@ def to_hf_cmd(
     src: str = typer.Argument(..., help="our checkpoint folder (or any model spec yuyan.load accepts)"),
     out: str = typer.Argument(..., help="Hugging Face folder to write (replaced atomically)"),
     family: str = typer.Option(None, help="expected model_type (gpt2|llama|qwen2); default: from the config"),
+    force: bool = FORCE,
 ) -> None:
     """Export a model to a folder that transformers' AutoModelForCausalLM and AutoTokenizer open.
 
     Example: yuyan convert to-hf ./ckpt/demo ./demo-hf
     """
+    from yuyan.fsutil import check_output_dir
     from yuyan.model.hf import export_hf, hf_family
 
+    check_output_dir(out, force=force, sources=(None if src.startswith("hf:") else src,))
     lm = load_model(src)
-    path = export_hf(lm, None, out, family=family)
+    path = export_hf(lm, None, out, family=family, force=force)
     print(f"wrote {path} (model_type {hf_family(lm.model.config)})")

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from yuyan.cli.app import app
+from yuyan.cli.common import FORCE, output_dir
 from yuyan.errors import UserError
 
 tok_app = typer.Typer(help="Train, inspect and use byte-level BPE tokenizers.", no_args_is_help=True)
@@ -50,6 +51,7 @@ def train_cmd(
     extensions: str = typer.Option(
         None, "--extensions", help="comma list of file extensions for folders, e.g. .py,.md"
     ),
+    force: bool = FORCE,
 ) -> None:
     """Train a byte-level BPE tokenizer on a corpus's train split and save tokenizer.json.
 
@@ -58,6 +60,7 @@ def train_cmd(
     from yuyan.data.corpus import CorpusStats, iter_documents
     from yuyan.tokenizer import Tokenizer
 
+    output_dir(out, force, corpus, command="tokenizer train")
     stats = CorpusStats()
     exts = _exts(extensions)
     docs = iter_documents(corpus, "train", text_field, exts, stats)

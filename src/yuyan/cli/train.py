@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from yuyan.cli import app
+from yuyan.cli.common import FORCE, run_folder
 from yuyan.train.config import TrainConfig
 
 
@@ -57,11 +58,14 @@ def train_cmd(
     resume: bool = typer.Option(
         False, "--resume", help="continue from the newest checkpoint in checkpoint.dir"
     ),
+    force: bool = FORCE,
 ) -> None:
     from yuyan.config import parse_overrides
-    from yuyan.train.pretrain import train
+    from yuyan.train.pretrain import load_train_config, train
 
-    train(config, parse_overrides(list(ctx.args)), resume=resume)
+    cfg = load_train_config(config, parse_overrides(list(ctx.args)))
+    with run_folder(cfg.checkpoint.dir, force, cfg.data.corpus, command="train"):
+        train(cfg, resume=resume)
 
 
 DEMO_HELP = """The main job: pre-train a small GPT on Python's own standard library for a time budget, then
@@ -91,13 +95,15 @@ def demo_cmd(
         help="then fine-tune the demo model on the embedded docstring task and report ROUGE-L and BLEU",
     ),
     finetune_minutes: float = typer.Option(2.0, "--finetune-minutes", help="fine-tuning budget in minutes"),
+    force: bool = FORCE,
 ) -> None:
     import json
 
     from yuyan.config import parse_overrides
     from yuyan.train.demo import run_demo
 
-    run_demo(minutes, out, corpus, parse_overrides(list(ctx.args)))
+    with run_folder(out, force, None if corpus == "stdlib" else corpus, command="demo"):
+        run_demo(minutes, out, corpus, parse_overrides(list(ctx.args)))
     if not finetune:
         return
     from yuyan.train.finetune import run_docstring_finetune

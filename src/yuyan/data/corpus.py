@@ -94,6 +94,8 @@ class CorpusStats:
     skipped_unreadable: int = 0
     skipped_bad_json_lines: int = 0
     skipped_empty: int = 0
+    skipped_special: int = 0  # FIFOs, devices, sockets inside a folder: opening one could block forever
+    skipped_bad_name: int = 0  # file names that are not valid UTF-8 (they cannot be keys or be reported)
     examples: list[str] = field(default_factory=list)  # the first few skipped items, with the reason
 
     def skip(self, kind: str, what: str) -> None:
@@ -108,6 +110,8 @@ class CorpusStats:
             + self.skipped_non_utf8
             + self.skipped_unreadable
             + self.skipped_bad_json_lines
+            + self.skipped_special
+            + self.skipped_bad_name
         )
 
     def to_dict(self) -> dict:
@@ -123,6 +127,8 @@ class CorpusStats:
                 (self.skipped_unreadable, "unreadable"),
                 (self.skipped_bad_json_lines, "bad JSONL lines"),
                 (self.skipped_empty, "empty"),
+                (self.skipped_special, "not regular files"),
+                (self.skipped_bad_name, "non-UTF-8 names"),
             ]
             if n
         ]
@@ -149,10 +155,23 @@ class _Resolved:
     kind: str  # stdlib | file | folder | glob
     root: Path
     files: list[tuple[str, Path]]  # (key relative to root, path), sorted by key
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (CorpusStats kind, label) found walking
 
 
-def _walk(root: Path, keep) -> Iterator[Path]:
-    """Files under root (symlinked folders followed once: a symlink loop is visited a single time)."""
+def _bad_name(name: str) -> bool:
+    """A name holding bytes that are not UTF-8 (os.fsdecode turned them into lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _walk(root: Path, keep, skipped: list[tuple[str, str]]) -> Iterator[Path]:
+    """Regular files under root (symlinked folders followed once: a symlink loop is visited a single time).
+
+    The one reader of folder entries: a FIFO, device or socket (which would block or never end) and a name
+    that is not UTF-8 are skipped and recorded in `skipped` (kind, label), never opened."""
     seen: set[tuple[int, int]] = set()
     stack = [root]
     while stack:
@@ -172,12 +191,19 @@ def _walk(root: Path, keep) -> Iterator[Path]:
         for e in entries:
             try:
                 is_dir = e.is_dir()  # follows symlinks; a looping or broken link is not a dir
+                # a FIFO, device or socket (or a link to one); a broken link is left to the reader to count
+                special = not is_dir and not e.is_file() and os.path.exists(e.path)
             except OSError:
-                is_dir = False
-            if is_dir:
-                if keep(Path(e.path), True):
-                    subdirs.append(Path(e.path))
-            elif keep(Path(e.path), False):
+                is_dir, special = False, False
+            if not keep(Path(e.path), is_dir):
+                continue
+            if _bad_name(e.name):
+                skipped.append(("bad_name", ascii(os.fsencode(e.path))))
+            elif is_dir:
+                subdirs.append(Path(e.path))
+            elif special:
+                skipped.append(("special", e.path))
+            else:
                 yield Path(e.path)
         stack.extend(reversed(subdirs))
 
@@ -200,20 +226,21 @@ def _resolve(spec: str, extensions: tuple[str, ...] | list[str] | None) -> _Reso
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("empty corpus spec; pass a file, a folder, a glob, a .jsonl file or 'stdlib'")
     exts = tuple(e if e.startswith(".") else "." + e for e in (extensions or DEFAULT_EXTENSIONS))
+    skipped: list[tuple[str, str]] = []
     if spec == "stdlib":
         root = stdlib_root()
 
         def keep(p: Path, is_dir: bool) -> bool:
             return p.name not in STDLIB_EXCLUDE if is_dir else p.suffix == ".py"
 
-        files = [(p.relative_to(root).as_posix(), p) for p in _walk(root, keep)]
+        files = [(p.relative_to(root).as_posix(), p) for p in _walk(root, keep, skipped)]
         kind = "stdlib"
     elif any(c in spec for c in "*?["):
         root, pat = _glob_parts(os.path.expanduser(spec))
         if not root.is_dir():
             raise UserError(f"corpus glob {spec!r}: folder {root} does not exist; fix the path")
         files = []
-        for p in _walk(root, lambda p, is_dir: is_dir or True):
+        for p in _walk(root, lambda p, is_dir: True, skipped):
             rel = p.relative_to(root)
             if _glob_match(list(rel.parts), pat):
                 files.append((rel.as_posix(), p))
@@ -225,10 +252,17 @@ def _resolve(spec: str, extensions: tuple[str, ...] | list[str] | None) -> _Reso
             files = [
                 (q.relative_to(root).as_posix(), q)
                 for q in _walk(
-                    root, lambda q, is_dir: (is_dir and not q.name.startswith(".")) or q.suffix in exts
+                    root,
+                    lambda q, is_dir: (is_dir and not q.name.startswith(".")) or q.suffix in exts,
+                    skipped,
                 )
             ]
             kind = "folder"
+        elif p.exists() and not p.is_file():
+            raise UserError(
+                f"corpus {spec!r} is not a regular file (a FIFO, a device or a socket would block or never "
+                "end); pass a text file, a folder, a glob or 'stdlib'"
+            )
         elif p.exists() or p.is_symlink():
             root, files, kind = p.parent, [(p.name, p)], "file"
         else:
@@ -247,7 +281,7 @@ def _resolve(spec: str, extensions: tuple[str, ...] | list[str] | None) -> _Reso
             + (f" with extensions {', '.join(exts)}" if kind == "folder" else "")
             + "; point --corpus at text files (or pass --extensions)"
         )
-    return _Resolved(kind, root, files)
+    return _Resolved(kind, root, files, skipped)
 
 
 def corpus_files(spec: str, extensions=None) -> list[Path]:
@@ -457,6 +491,8 @@ def iter_documents(
 
 def _iter(spec: str, r: _Resolved, split: str, text_field: str, stats: CorpusStats) -> Iterator[Document]:
     single = len(r.files) == 1 and r.files[0][1].suffix != ".jsonl"
+    for kind, label in r.skipped:
+        stats.skip(kind, label)
     n_docs = 0
     for key, path in r.files:
         if path.suffix == ".jsonl":

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from yuyan.data.corpus import SPLIT_RULE, CorpusStats, corpus_fingerprint, corpus_size, iter_documents
 from yuyan.errors import UserError
+from yuyan.fsutil import claim_output_dir
 from yuyan.tokenizer import Tokenizer
 
 FORMAT = "yuyan-token-shards"
@@ -121,7 +122,7 @@ def prepare(
             print(f"{out}: shards are up to date (same corpus and tokenizer fingerprints); nothing to do")
         return {**meta, "up_to_date": True}
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, force=force, sources=(None if spec == "stdlib" else spec,), command="prepare")
     for stale in out.glob(TMP_PREFIX + "*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out / f"{TMP_PREFIX}{os.getpid()}"

@@ -227,6 +227,10 @@ class Decoder:
         self._st: SamplingTensors | None = None  # the live rows' settings; None after rows changed
         self._counts: torch.Tensor | None = None  # (B, V) output token counts, while a row uses penalties
         self._prompt_mask: torch.Tensor | None = None  # (B, V) prompt tokens, likewise
+        # a vocabulary padded past the tokenizer (GPT-2: 50304 rows for 50257 tokens): ids from here on
+        # decode to nothing, so choose() never picks them; None when every id is the tokenizer's
+        n_tok = tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size
+        self._decodable = n_tok if n_tok < model.config.vocab_size else None
 
     @property
     def free(self) -> int:
@@ -316,6 +320,8 @@ class Decoder:
             return []
         st = self.sampling()
         logits = self.logits
+        if self._decodable is not None:
+            logits[:, self._decodable :] = float("-inf")
         proc = process(logits, st, self._counts, self._prompt_mask)
         if proc is not logits:
             proc = self._fail_overflowed(logits, proc)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from yuyan.errors import UserError
+from yuyan.fsutil import (
+    FolderLock,
+    check_output_dir,
+    foreign_entries,
+    hold_lock,
+    is_os_failure,
+    mark_ours,
+    os_error_line,
+    read_small_json,
+)
 from yuyan.model.flops import num_params
 from yuyan.model.transformer import ModelConfig, Transformer, rope_inv_freq
 from yuyan.tokenizer import Tokenizer
@@ -71,13 +82,18 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
-def atomic_write_dir(dest: str | os.PathLike, write) -> Path:
-    """Call write(tmp_dir) then swap tmp_dir into `dest` with renames; a manifest of sha256 is added."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write_dir(dest: str | os.PathLike, write, *, force: bool = False, sources: tuple = ()) -> Path:
+    """Call write(tmp_dir) then swap tmp_dir into `dest` with renames; a manifest of sha256 is added.
+
+    `dest` must pass the safe-output rule (yuyan.fsutil.check_output_dir: empty, missing or ours, or
+    `force`; never one of `sources`). What the old folder held that we did not write is moved into the new
+    one, never deleted. An OS failure (a full or read-only disk) becomes one UserError line naming the path;
+    the previous folder stays whole."""
+    dest = check_output_dir(dest, force=force, sources=sources)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         write(tmp)
         files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "manifest.json")
         manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
@@ -87,13 +103,19 @@ def atomic_write_dir(dest: str | os.PathLike, write) -> Path:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
         old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        keep = [p.name for p in foreign_entries(dest)] if dest.is_dir() else []
         if dest.exists():
             os.replace(dest, old)  # a kill here leaves `old` whole; load() falls back to it
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
+        for name in keep:  # the user's files: into the new folder (ours win a clash, as --force said)
+            if not (dest / name).exists():
+                os.replace(old / name, dest / name)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_os_failure(e):
+            raise UserError(os_error_line(e, dest) + f" (the previous {dest.name} is unchanged)") from None
         raise
     return dest
 
@@ -124,8 +146,13 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     state: dict | None = None,
     generation_config: dict | None = None,
+    force: bool = False,
+    sources: tuple = (),
 ) -> Path:
-    """Write the checkpoint folder atomically. `model` must be the plain (unwrapped, uncompiled) module."""
+    """Write the checkpoint folder atomically. `model` must be the plain (unwrapped, uncompiled) module.
+
+    force, sources: the safe-output rule of atomic_write_dir (write into a folder that is not ours; the
+    inputs the folder must not be, hold or lie in)."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.lm_head_weight_tied():
         sd.pop("lm_head.weight")  # safetensors stores no aliases; tie again on load
@@ -144,25 +171,80 @@ def save_checkpoint(
         if state is not None:
             write_json(tmp / "state.json", state)
 
-    return atomic_write_dir(path, write)
+    return atomic_write_dir(path, write, force=force, sources=sources)
+
+
+COVERED = (".safetensors", ".bin", ".pt", ".pth")  # weights a manifest must list when the folder holds them
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def manifest_file(folder: Path, name: object, manifest: Path) -> Path:
+    """The one path resolver for a manifest entry: a regular file inside `folder`, or a UserError.
+
+    Refused: a name that is not a plain relative path (absolute, `..`, empty), a symlink that leads out of
+    the folder, and anything that is not a regular file (a FIFO or /dev/zero would hang the checksum)."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\0" in name:
+        raise UserError(
+            f"{manifest} names {name!r}, not a file in the folder; the manifest is corrupt or hostile"
+        )
+    parts = Path(name).parts
+    if ".." in parts or Path(name).is_absolute():
+        raise UserError(f"{manifest} names {name!r} outside {folder}; the manifest is corrupt or hostile")
+    f = folder / name
+    try:
+        real, root = f.resolve(strict=True), folder.resolve(strict=True)
+        mode = real.stat().st_mode
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        raise UserError(
+            f"checkpoint {folder} is missing {name} listed in its manifest; use an earlier checkpoint"
+        ) from None
+    if root not in real.parents:
+        raise UserError(
+            f"{manifest} entry {name!r} leads outside {folder} (a symlink); the folder is hostile"
+        )
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{manifest} entry {name!r} is not a regular file; the folder is corrupt or hostile")
+    return f
+
+
+def manifest_entries(path: Path) -> dict[Path, dict] | None:
+    """The files a folder's manifest.json lists, each resolved by manifest_file and with a valid
+    {"sha256", "bytes"}; None when the folder has no manifest. A manifest of the wrong shape, an empty one,
+    or one that leaves out a weights file or config.json the folder holds is refused by name."""
+    mf = path / "manifest.json"
+    if not mf.exists() and not mf.is_symlink():
+        return None  # folders made by hand or by other tools carry none
+    raw = read_small_json(mf)
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise UserError(
+            f'{mf} is corrupt (not a JSON object with a non-empty "files" map); the checkpoint cannot be '
+            "trusted: restore it or use an earlier one"
+        )
+    out = {}
+    for name, info in files.items():
+        f = manifest_file(path, name, mf)
+        ok = isinstance(info, dict) and isinstance(info.get("sha256"), str) and SHA256.match(info["sha256"])
+        if not ok or not isinstance(info.get("bytes"), int) or isinstance(info["bytes"], bool):
+            raise UserError(f"{mf} entry {name!r} has no valid sha256 and bytes; the manifest is corrupt")
+        out[f] = info
+    listed = {f.name for f in out}
+    uncovered = sorted(
+        p.name
+        for p in path.iterdir()
+        if (p.suffix in COVERED or p.name == "config.json") and p.name not in listed
+    )
+    if uncovered:
+        raise UserError(
+            f"{mf} does not cover {', '.join(uncovered[:4])}: those files cannot be verified (tampered or "
+            "added by hand); restore the checkpoint or use an earlier one"
+        )
+    return out
 
 
 def verify_manifest(path: Path) -> None:
-    mf = path / "manifest.json"
-    if not mf.exists():
-        return  # folders made by hand or by other tools carry none
-    try:
-        files = json.loads(mf.read_text())["files"]
-    except (ValueError, KeyError):
-        raise UserError(
-            f"{mf} is corrupt; the checkpoint cannot be trusted: restore it or use an earlier one"
-        ) from None
-    for name, info in files.items():
-        f = path / name
-        if not f.exists():
-            raise UserError(
-                f"checkpoint {path} is missing {name} listed in its manifest; use an earlier checkpoint"
-            )
+    """Check every file a folder's manifest lists against its size and sha256 (nothing without a manifest)."""
+    for f, info in (manifest_entries(path) or {}).items():
         if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
             raise UserError(
                 f"checkpoint file {f} does not match its checksum (corrupt or truncated); use an earlier checkpoint"
@@ -173,6 +255,8 @@ def read_config(path: Path) -> dict:
     f = path / "config.json"
     if not f.exists():
         raise UserError(f"{path} has no config.json: it is not a model folder")
+    if not f.is_file():  # a FIFO or a device would block the read or never end
+        raise UserError(f"{f} is not a regular file; the model folder is corrupt or hostile")
     try:
         cfg = json.loads(f.read_text(encoding="utf-8"))
     except ValueError as e:
@@ -218,8 +302,30 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> T
     return m
 
 
+def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor: a model with them generates
+    garbage (or fails in sampling) far from the cause."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise UserError(
+                f"weights in {source}: tensor {k} holds {n} NaN or infinite values; the checkpoint is "
+                "corrupt (or the run diverged): use an earlier checkpoint"
+            )
+
+
+def check_version(raw: dict, source: str) -> None:
+    """Refuse a config.json version we do not know (newer than ours, or not a number)."""
+    v = raw.get("version")
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= VERSION:
+        raise UserError(
+            f"{source}/config.json has version {v!r}; this yuyan reads versions 1..{VERSION}: "
+            "upgrade yuyan or re-save the checkpoint with this version"
+        )
+
+
 def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights with a clear error that names missing, unexpected and mis-shaped tensors."""
+    """Load weights with a clear error that names missing, unexpected and mis-shaped tensors (and NaN)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if model.lm_head_weight_tied():
         expected.pop("lm_head.weight")
@@ -240,6 +346,7 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> 
         raise UserError(
             f"weights in {source} do not fit the model config: " + "; ".join(p for p in parts if p)
         )
+    check_finite(sd, source)
     model.load_state_dict(sd, strict=False, assign=False)
 
 
@@ -260,10 +367,13 @@ def load_checkpoint(
     raw = read_config(p)
     if raw.get("format") != FORMAT:
         raise UserError(f'{p} is not a yuyan checkpoint (no "format": "yuyan" in config.json)')
+    check_version(raw, str(p))
     meta = raw.pop("meta", {})
+    if not isinstance(meta, dict):
+        raise UserError(f'{p}/config.json: "meta" must be a JSON object; the config is corrupt')
     try:
         cfg = ModelConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise UserError(f"{p}/config.json: {e}") from None
     model = build_model(cfg, device)
     try:
@@ -275,6 +385,7 @@ def load_checkpoint(
     extra = {k.removeprefix("extra."): v for k, v in sd.items() if k.startswith("extra.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("extra.")}
     load_state(model, sd, str(p))
+    check_finite(extra, str(p))
     tokenizer = Tokenizer.load(p)
     check_tokenizer(tokenizer, cfg, str(p))
     model.eval()
@@ -309,6 +420,16 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 def step_dir(out_dir: str | os.PathLike, step: int) -> Path:
     """Where a run in `out_dir` keeps its resumable checkpoint of optimizer step `step`."""
     return Path(out_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def lock_run_dir(out_dir: str | os.PathLike, main: bool = True) -> FolderLock:
+    """The advisory lock a training run holds on its folder for as long as it runs (rank 0 only): a second
+    run on the same folder, resumed or not, fails at once naming the holder's pid (yuyan.fsutil.hold_lock)."""
+    if not main:
+        return FolderLock(None)
+    lock = hold_lock(out_dir, "run folder")
+    mark_ours(out_dir, "train")  # what a run writes there is ours: a re-run into it is allowed
+    return lock
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:

@@ -31,6 +31,7 @@ from yuyan.model.checkpoint import (
     LanguageModel,
     atomic_write_dir,
     build_model,
+    check_finite,
     check_tokenizer,
     read_config,
     unpickle_refusal,
@@ -280,7 +281,7 @@ def hf_config_to_ours(raw: dict, source: str = "model") -> ModelConfig:
         raise UserError(f"{source}: model_type {mt!r} is not supported; supported: {sorted(CONFIG_FROM_HF)}")
     try:
         return ModelConfig(**CONFIG_FROM_HF[mt](_Cfg(raw, source)))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise UserError(f"{source}/config.json: {e}") from None
 
 
@@ -380,6 +381,7 @@ def load_hf(folder: str | os.PathLike, device: torch.device | str | None = None)
     )
     if bad:
         raise UserError(f"weights in {p} do not fit its config.json: shape mismatch {bad[:4]}")
+    check_finite(sd, str(p))
     with torch.no_grad():
         model.load_state_dict(sd, strict=False)  # copies, converting fp16/bf16 files to float32
     model.eval()
@@ -543,10 +545,16 @@ def export_hf(
     tokenizer: Tokenizer | None,
     out_dir: str | os.PathLike,
     family: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write a Hugging Face folder (config, model.safetensors, tokenizer, generation config) atomically."""
+    """Write a Hugging Face folder (config, model.safetensors, tokenizer, generation config) atomically.
+
+    The folder follows the safe-output rule (yuyan.fsutil): never the model's own folder (or inside or
+    around it), and a non-empty folder that is not ours only with `force`."""
+    sources: tuple = ()
     if isinstance(lm_or_model, LanguageModel):
         model, tokenizer = lm_or_model.model, tokenizer or lm_or_model.tokenizer
+        sources = (lm_or_model.path,)
     else:
         model = lm_or_model
     if tokenizer is None:
@@ -572,7 +580,7 @@ def export_hf(
         write_json(tmp / "special_tokens_map.json", special)
         write_json(tmp / "generation_config.json", gen)
 
-    return atomic_write_dir(out_dir, write)
+    return atomic_write_dir(out_dir, write, force=force, sources=sources)
 
 
 # --------------------------------------------------------------------------------------------- download

@@ -52,6 +52,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from yuyan.errors import UserError
+from yuyan.fsutil import FolderLock
 from yuyan.model.checkpoint import (
     atomic_write_text,
     clean_temp,
@@ -59,6 +60,7 @@ from yuyan.model.checkpoint import (
     list_checkpoints,
     load_state,
     load_trainer_state,
+    lock_run_dir,
     prune_checkpoints,
     save_checkpoint,
     step_dir,
@@ -114,7 +116,8 @@ def fit(
     console = Console(stderr=True, quiet=not info.is_main)  # rank 0 speaks for the run
 
     # ---- resume: weights into the plain model before any wrapping, then optimizer, data order and counters
-    tstate = _load_for_resume(out, resume, model, export, info.is_main, console)
+    # one run per folder: the lock is held until fit returns (or its frame is freed after an exception)
+    tstate, run_lock = _load_for_resume(out, resume, model, export, info.is_main, console)
     parts = _prepare_model(model, tc, info)
     data_gen = torch.Generator().manual_seed(tc.seed)
     _restore_training_state(tstate, parts, data_gen, task, info)
@@ -543,14 +546,16 @@ def _evaluate(
 
 
 def _read_metrics(path: Path, upto_step: int | None) -> list[dict]:
-    """The rows of a metrics.jsonl up to `upto_step` (None: all); unreadable lines are skipped."""
+    """The rows of a metrics.jsonl up to `upto_step` (None: all); unreadable lines, and rows whose step
+    goes backwards (left by an older, overlapping run), are skipped."""
     if not path.exists():
         return []
-    rows = []
+    rows: list[dict] = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
             r = json.loads(line)
-            if upto_step is None or r.get("step", 0) <= upto_step:
+            step = r.get("step", 0)
+            if (upto_step is None or step <= upto_step) and step >= (rows[-1].get("step", 0) if rows else 0):
                 rows.append(r)
     return rows
 
@@ -630,10 +635,11 @@ class _Interrupt:
 
 def _load_for_resume(
     out: Path, resume: bool, model: nn.Module, export: Export | None, main: bool, console: Console
-) -> dict | None:
-    """The newest checkpoint's trainer state, with its weights loaded into the plain `model` and the temp
-    folders of killed writes removed (rank 0); None for a fresh start. A fresh start into a folder that
-    holds checkpoints is refused."""
+) -> tuple[dict | None, FolderLock]:
+    """The run folder's lock (a second run on it fails at once), then the newest checkpoint's trainer state,
+    with its weights loaded into the plain `model` and the temp folders of killed writes removed (rank 0);
+    None for a fresh start. A fresh start into a folder that holds checkpoints is refused."""
+    lock = lock_run_dir(out, main)
     ckpt = latest_checkpoint(out) if resume else None
     if not resume and list_checkpoints(out):
         raise UserError(
@@ -641,7 +647,7 @@ def _load_for_resume(
             "--checkpoint.dir"
         )
     if ckpt is None:
-        return None
+        return None, lock
     verify_manifest(ckpt)
     tstate = load_trainer_state(ckpt)
     if tstate is None:
@@ -658,7 +664,7 @@ def _load_for_resume(
     if main:
         clean_temp(out)
     console.print(f"resumed from {ckpt} at step {tstate['step']}")
-    return tstate
+    return tstate, lock
 
 
 def _restore_training_state(
