@@ -34,7 +34,7 @@ MODEL_HELP = "checkpoint folder, Hugging Face folder or hf:NAME"
 MODEL = typer.Option(..., "--model", "-m", help=MODEL_HELP)
 QUANTIZE = typer.Option(None, "--quantize", help="int8: int8 weights for faster CPU decoding")
 QUANTIZE_CHOICES = ("int8",)
-DTYPE_HELP = "decode weights auto|fp32|bf16 (auto: bf16 where a timed decode step on this machine says it pays)"
+DTYPE_HELP = "decode weights auto|fp32|bf16 (auto: bf16 where a timed decode step here says it pays)"
 DTYPE = typer.Option("auto", "--dtype", help=DTYPE_HELP)
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
 FORCE_HELP = "write into a non-empty folder that yuyan did not write (nothing already in it is deleted)"
@@ -72,6 +72,8 @@ def load_model(spec: str, quantize: str | None = None, device: str | None = None
         raise UserError(f"unknown --quantize {quantize!r}; the only choice is int8")
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise UserError(f"unknown --dtype {dtype!r}; use auto, fp32 or bf16")
+    if quantize is not None and dtype == "bf16":
+        raise UserError("--quantize int8 decodes with float32 activations: drop --dtype bf16 or --quantize")
     from yuyan.model import load
 
     lm = load(spec, device)

@@ -59,10 +59,15 @@ def _claim(out: Path | None, force: bool, *sources) -> None:
         output_dir(out, force, *sources, command="eval")
 
 
-def _load(model: str, device: str | None = None):
+# the cost of decoding in bf16 is measured by scoring in it; fp32 by default so results stay comparable
+PPL_DTYPE_HELP = "weights fp32|bf16|auto while scoring (auto: what decoding would choose on this machine)"
+
+
+def _load(model: str, device: str | None = None, dtype: str | None = None):
     import torch
 
-    return load_model(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(model, device=dev, dtype=dtype)
 
 
 @eval_app.command("perplexity")
@@ -78,6 +83,7 @@ def perplexity_cmd(
         None, help="window step; each token keeps >= block_size - stride context (default block/2)"
     ),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
+    dtype: str = typer.Option("fp32", "--dtype", help=PPL_DTYPE_HELP),
     max_bytes: int = typer.Option(None, help="score only the first N bytes of the corpus"),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
     out: Path = OUT,
@@ -93,7 +99,7 @@ def perplexity_cmd(
     _claim(out, force, model)
     split = split or ("val" if corpus == "stdlib" else "all")
     texts = _read_corpus(corpus, split, text_field, max_bytes)
-    lm = _load(model, device)
+    lm = _load(model, device, dtype)
     r = perplexity(lm.model, lm.tokenizer, texts, block_size, stride, batch_size, progress=True)
     _emit(make_result("perplexity", model, r, {"corpus": corpus, "split": split}), out)
 

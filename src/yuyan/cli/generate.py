@@ -18,7 +18,7 @@ import typer
 
 from yuyan.apps.conversation import CHAT_DEFAULTS, CHAT_FIXED
 from yuyan.cli.app import app
-from yuyan.cli.common import MODEL, QUANTIZE, generation_options, load_model
+from yuyan.cli.common import DTYPE, MODEL, QUANTIZE, generation_options, load_model
 from yuyan.errors import UserError
 from yuyan.generate import Completion, GenerationConfig
 
@@ -59,6 +59,7 @@ def generate_cmd(
     stream: bool = typer.Option(False, "--stream", help="print text as it is generated (one prompt, n 1)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per prompt on stdout"),
     quantize: str = QUANTIZE,
+    dtype: str = DTYPE,
     gen: GenerationConfig = None,
 ) -> None:
     """Continue a prompt with a model.
@@ -75,7 +76,7 @@ def generate_cmd(
     prompts = _read_prompts(prompt, prompts_file)
     if stream and len(prompts) != 1:
         raise UserError("--stream prints one prompt's text: give a single prompt")
-    lm = load_model(model, quantize)
+    lm = load_model(model, quantize, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # one warning per prompt that is cut to the context
         if stream:
@@ -116,6 +117,7 @@ def chat_cmd(
     model: str = MODEL,
     system: str = typer.Option(None, "--system", help="system message that opens the conversation"),
     quantize: str = QUANTIZE,
+    dtype: str = DTYPE,
     gen: GenerationConfig = None,
 ) -> None:
     """Chat with a model over its chat template; /reset clears the history, /exit (or end of input) quits.
@@ -124,4 +126,4 @@ def chat_cmd(
     """
     from yuyan.apps import Conversation, repl
 
-    repl(Conversation(load_model(model, quantize), gen, system=system))
+    repl(Conversation(load_model(model, quantize, dtype=dtype), gen, system=system))

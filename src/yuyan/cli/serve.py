@@ -42,6 +42,7 @@ HELP = {
     "inspect_max_tokens": "the playground's attention view keeps the last this-many tokens",
     "threads": "torch CPU threads for decoding (0: torch's default); 1 leaves cores for HTTP and measured "
     "fastest for small models on a busy 2-core machine (BENCHMARKS.md)",
+    "dtype": "decode weights auto|fp32|bf16 (auto: bf16 where a timed decode step here says it pays)",
     "sliding_window": "let requests generate past the context by dropping the oldest tokens (a request's "
     "sliding_window field overrides this; off keeps OpenAI's contract: prompt + max_tokens must fit)",
 }
@@ -116,7 +117,7 @@ def serve_cmd(
 
     check_bind(config.host, config.api_key, insecure)
     config.validate()
-    lm = load_model(model, device=device)
+    lm = load_model(model, device=device, dtype=config.dtype)
     config.model_name = config.model_name or Path(str(lm.path)).name or "yuyan"
     # the scheduler thread and the HTTP event loop hand the GIL to each other at every token; Python's
     # default 5 ms switch interval made each wait up to 5 ms (measured: 1-client tokens/s x1.9 at 0.5 ms)

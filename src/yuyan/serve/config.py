@@ -41,6 +41,9 @@ class ServeConfig:
     # the default of a request's `sliding_window`: off keeps OpenAI's contract (prompt + max_tokens beyond
     # the context is a 400); on, generation goes past the context by dropping the oldest tokens
     sliding_window: bool = False
+    # the decode weights' number format: auto takes bf16 where a timed decode step on this machine says it
+    # pays (yuyan.generate.kernels.decode_precision); fp32 | bf16 force it
+    dtype: str = "auto"
 
     def validate(self) -> ServeConfig:
         """Refuse settings that bound nothing (a UserError naming the option); returns self."""

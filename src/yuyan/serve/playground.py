@@ -1,8 +1,9 @@
 """The web playground's side of the server: where its static files live, and the attention view it draws.
 
 The page (static/) talks to the OpenAI endpoints like any client and to POST /v1/inspect/attention, whose
-answer `attention_view` computes on the scheduler thread (between two decode steps, so it never races a
-batch for the model): each layer's per-head attention over the last tokens, as integers 0..1000.
+answer `attention_view` computes on the server's prepare thread, beside the decode loop (a forward pass
+without a KV cache only reads the weights, so it runs alongside a batch's step instead of stalling it):
+each layer's per-head attention over the last tokens, as integers 0..1000.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ SCALE = 1000  # attention weights are sent as integers 0..SCALE (a third of the 
 
 
 def attention_view(model: nn.Module, tokenizer: Tokenizer, ids: list[int]) -> tuple[list[str], list]:
-    """(token pieces, layers[l][h][query][key]) of ids. Runs on the scheduler thread."""
+    """(token pieces, layers[l][h][query][key]) of ids."""
     text = tokenizer.decode(ids)
     if tokenizer.encode(text) == ids:  # the interpret module's pieces name split characters
         tokens, weights = attention_weights(model, tokenizer, text)
