@@ -9,12 +9,14 @@ FLOP/s of this machine (a large square matmul with the same threads). Prints one
 
   python benchmarks/train.py                       # demo + 124M shapes
   python benchmarks/train.py --shapes demo --steps 20 --variants eager,bf16,compile
+  python benchmarks/train.py --variants eager,auto        # fp32 vs what train.precision auto picks
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -47,17 +49,24 @@ def time_steps(step, steps: int, warmup: int) -> float:
 def ours_step(cfg, batches, variant: str):
     from yuyan.data.tasks import LMTask
     from yuyan.model.transformer import Transformer
-    from yuyan.train.loop import autocast_context
+    from yuyan.train.config import TrainSection
+    from yuyan.train.loop import autocast_context, resolve_precision
     from yuyan.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = Transformer(cfg).train()
+    # what `yuyan train` would run: eager is fp32; bf16 and auto go through the loop's own resolution (auto
+    # measures; both pick attention's format by a timed kernel)
+    precision = {"eager": "fp32", "compile": "fp32", "bf16": "bf16", "auto": "auto"}[variant]
+    tc = TrainSection(precision=precision, batch_size=batches[0][0].shape[0])
+    chosen = resolve_precision(tc, torch.device("cpu"), model, None)
+    print(json.dumps({"variant": variant, **chosen.to_dict()}), file=sys.stderr)
     opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cpu")
     run = torch.compile(model) if variant == "compile" else model
     task = LMTask(None, cfg.block_size)
     it = iter(batches * 1000)
     params = [p for p in model.parameters() if p.requires_grad]
-    mode = "bf16" if variant == "bf16" else "fp32"
+    mode = chosen.name
 
     def step():
         x, y = next(it)
@@ -89,7 +98,7 @@ def hf_step(cfg, batches, variant: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
     run = torch.compile(model) if variant == "compile" else model
     it = iter(batches * 1000)
-    mode = variant == "bf16"
+    mode = variant in ("bf16", "auto")  # transformers: plain bf16 autocast
 
     def step():
         x, _ = next(it)
@@ -108,7 +117,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="demo,gpt2", help="comma list of: demo, gpt2")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per round (0: 8 for demo, 2 for gpt2)")
     ap.add_argument(
-        "--variants", default="eager", help="comma list of: eager, bf16, compile (ours and HF alike)"
+        "--variants",
+        default="eager",
+        help="comma list of: eager (fp32), bf16, auto (train.precision auto), compile (ours and HF alike)",
     )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument(

@@ -7,12 +7,14 @@ tokens x d_model by d_model x d_ff) in float32 and in bfloat16, or the work's ow
 `timers` (decoding: one row through every weight matrix of the model, on the paths decoding takes in each
 format; `yuyan.generate.kernels.decode_precision`), interleaved, best of several repetitions within a
 fraction of a second, and takes bf16 when it wins by `MARGIN`. The figures are cached per machine (CPU flags, torch version, threads, shape) in
-`$YUYAN_CACHE_DIR/precision.json` (default ~/.cache/yuyan), so a second run pays nothing. On CUDA, auto is
+`$YUYAN_CACHE_DIR/precision.json` (default ~/.cache/yuyan), so a second run pays nothing; figures timed
+while the machine was busy (load average above half its cores) are used but not cached. On CUDA, auto is
 bf16 where the GPU supports it. The choice carries its reason, which `yuyan demo` and the training log print.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from yuyan.model.transformer import Attention
 
 MARGIN = 1.3  # bf16 must be this much faster than fp32 on the timed matmul to be chosen
 Timers = tuple[Callable[[], float], Callable[[], float]]  # (fp32, bf16) -> GFLOP/s of one timed run
@@ -58,12 +62,10 @@ def cache_path() -> Path:
 def machine_key() -> str:
     """CPU feature flags, torch version and thread count: what a timed matmul depends on besides load."""
     flags = ""
-    try:
+    with contextlib.suppress(OSError):
         flags = next(
             (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), ""
         )
-    except OSError:
-        pass
     text = f"{flags}|{torch.__version__}|{torch.get_num_threads()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -93,44 +95,105 @@ def best_gflops(fn: Callable[[], object], flops: float, reps: int = 3) -> float:
     return flops / max(best, 1e-9) / 1e9
 
 
-def measure(
-    m: int, k: int, n: int, budget_s: float = 0.6, timers: Timers | None = None, label: str = ""
-) -> tuple[float, float]:
-    """(fp32, bf16) GFLOP/s for this work on this machine, from the cache or timed now.
-
-    The work is an (m, k) @ (k, n) matmul, or what `timers` (fp32, bf16: each returns GFLOP/s of one timed
-    run, e.g. through `best_gflops`) time, cached under `label` and the shape. The two formats are timed in
-    alternating rounds until `budget_s` is spent and each keeps its best, so a burst of load from another
-    process costs both alike instead of deciding the choice.
-    """
-    path, key = cache_path(), f"{machine_key()}:{label + ':' if label else ''}{m}x{k}x{n}"
+def busy() -> bool:
+    """Whether other processes keep this machine's cores busy (the 1-minute load average above half of them)."""
     try:
-        cached = json.loads(path.read_text())
+        return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
+def cached(key: str, compute) -> list[float]:
+    """The figures cached under `key` for this machine, or `compute()`'s (a list of floats), stored."""
+    path, key = cache_path(), f"{machine_key()}:{key}"
+    try:
+        table = json.loads(path.read_text())
     except (OSError, ValueError):
-        cached = {}
-    if isinstance(cached, dict) and isinstance(cached.get(key), list) and len(cached[key]) == 2:
-        return float(cached[key][0]), float(cached[key][1])
-    time_fp32, time_bf16 = timers or (
-        lambda: time_matmul(m, k, n, torch.float32, reps=3),
-        lambda: time_matmul(m, k, n, torch.bfloat16, reps=3),
-    )
-    fp32 = bf16 = 0.0
-    start = time.perf_counter()
-    for _ in range(8):
-        fp32 = max(fp32, time_fp32())
-        bf16 = max(bf16, time_bf16())
-        if time.perf_counter() - start > budget_s:
-            break
-    cached = cached if isinstance(cached, dict) else {}
-    cached[key] = [fp32, bf16]
+        table = {}
+    table = table if isinstance(table, dict) else {}
+    if isinstance(table.get(key), list) and all(isinstance(v, (int, float)) for v in table[key]):
+        return [float(v) for v in table[key]]
+    figures = [float(v) for v in compute()]
+    if busy():  # timed while other work held the cores: good for this run, not the machine's figure
+        return figures
+    table[key] = figures
     try:  # a cache we cannot write only costs the next run another measurement
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=0))
+        tmp.write_text(json.dumps(table, indent=0))
         os.replace(tmp, path)
     except OSError:
         pass
+    return figures
+
+
+def alternate(a, b, budget_s: float, rounds: int = 8) -> tuple[float, float]:
+    """The best of alternating calls of `a` and `b` (each returns a figure, higher is better) until
+    `budget_s` is spent: a burst of load from another process costs both alike instead of deciding."""
+    fa = fb = 0.0
+    start = time.perf_counter()
+    for _ in range(rounds):
+        fa, fb = max(fa, a()), max(fb, b())
+        if time.perf_counter() - start > budget_s:
+            break
+    return fa, fb
+
+
+def measure(m: int, k: int, n: int, budget_s: float = 0.6) -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s of an (m, k) @ (k, n) matmul on this machine, from the cache or timed now."""
+    fp32, bf16 = cached(
+        f"{m}x{k}x{n}",
+        lambda: alternate(
+            lambda: time_matmul(m, k, n, torch.float32, reps=3),
+            lambda: time_matmul(m, k, n, torch.bfloat16, reps=3),
+            budget_s,
+        ),
+    )
     return fp32, bf16
+
+
+def time_attention(b: int, h: int, t: int, d: int, upcast: bool, reps: int = 3) -> float:
+    """Calls per second of causal SDPA forward + backward on bf16 (b, h, t, d) q/k/v, computed in bf16 or
+    (upcast) in float32 with the casts included: the best of `reps` after one warm-up."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, t, d, generator=g).bfloat16().requires_grad_() for _ in range(3))
+
+    def run() -> None:
+        args = (q.float(), k.float(), v.float()) if upcast else (q, k, v)
+        y = torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True).to(torch.bfloat16)
+        y.sum().backward()
+
+    run()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return 1.0 / max(best, 1e-9)
+
+
+def attention_upcast(b: int, h: int, t: int, d: int, budget_s: float = 0.5) -> tuple[bool, str]:
+    """Whether bf16 training on this CPU should run attention in float32 at this shape, and why: CPU flash
+    attention in bf16 can be slower than in fp32 (3x at head_dim 32 on an Intel Xeon with AMX, even at 64)."""
+    b = max(1, min(b, 4096 // max(t, 1)))  # a few thousand query rows show the kernel's speed
+    bf16, fp32 = cached(
+        f"sdpa:{b}x{h}x{t}x{d}",
+        lambda: alternate(
+            lambda: time_attention(b, h, t, d, upcast=False),
+            lambda: time_attention(b, h, t, d, True),
+            budget_s,
+        ),
+    )
+    upcast = fp32 > bf16
+    why = f"attention in {'fp32' if upcast else 'bf16'} (timed {b}x{h}x{t}x{d}: fp32 {fp32 / bf16:.2f}x bf16)"
+    return upcast, why
+
+
+def upcast_attention(model: torch.nn.Module, on: bool) -> None:
+    """Run the attention of every layer of `model` in float32 on bf16 inputs (on) or in their dtype."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.sdpa_fp32 = on
 
 
 def choose(

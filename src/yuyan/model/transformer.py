@@ -154,6 +154,10 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
+    # Set from outside (yuyan.model.precision.upcast_attention) where a timed kernel says so: bf16 q/k/v go
+    # through SDPA in float32. CPU flash attention in bf16 ran 3x slower than in fp32 at head_dim 32.
+    sdpa_fp32: bool = False
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head, self.head_dim = (
@@ -197,18 +201,24 @@ class Attention(nn.Module):
             att = scores.softmax(-1)
             attn_weights.append(att.detach())
             y = F.dropout(att, self.dropout, self.training) @ vr
+        elif self.sdpa_fp32 and v.dtype == torch.bfloat16:  # q, k may be float32 from RoPE's tables
+            with torch.autocast(x.device.type, enabled=False):
+                y = self.sdpa(q.float(), k.float(), v.float(), mask, rep).to(v.dtype)
         else:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=rep > 1,
-            )
+            y = self.sdpa(q, k, v, mask, rep)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
+
+    def sdpa(self, q, k, v, mask: torch.Tensor | None, rep: int) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=rep > 1,
+        )
 
 
 class MLP(nn.Module):

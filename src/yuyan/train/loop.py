@@ -3,9 +3,10 @@
 What is trained is described by a *task* (`Task` below): it draws batches, computes the loss and
 evaluates. The tasks live in yuyan.data.tasks: `LMTask` is next-token prediction over token shards
 (pre-training); the fine-tuning tasks (SFT, classification) implement the same methods. `fit()` owns
-everything else: AdamW over the trainable parameters, warm-up + cosine/WSD schedule (optionally fitted to a
-wall-clock budget), gradient accumulation and clipping, bf16 autocast on CUDA, periodic evaluation,
-metrics.jsonl, a loss-curve PNG, atomic checkpoints (keep-last-K + best), exact resume, SIGINT = save and
+everything else: the optimizer over the trainable parameters (AdamW, or Muon + AdamW), warm-up +
+cosine/WSD schedule (optionally fitted to a wall-clock budget), gradient accumulation and clipping, bf16
+autocast where a timed matmul says it pays (train.precision), periodic evaluation, metrics.jsonl, a
+loss-curve PNG, atomic checkpoints (keep-last-K + best), exact resume, SIGINT = save and
 stop. `fit()` reads top to bottom; the pieces it calls below it each own one concern (the counters, the
 time budget, the checkpoints, the run's files).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -66,8 +68,10 @@ from yuyan.model.checkpoint import (
     step_dir,
     verify_manifest,
 )
+from yuyan.model.precision import PrecisionChoice, attention_upcast, upcast_attention
+from yuyan.model.precision import choose as choose_precision
 from yuyan.train import distributed as D
-from yuyan.train.config import TrainConfig, TrainSection, config_to_toml
+from yuyan.train.config import PRECISIONS, TrainConfig, TrainSection, config_to_toml
 from yuyan.train.optim import build_optimizer, lr_at, set_lr
 
 Export = Callable[[nn.Module], tuple[nn.Module, dict, dict]]
@@ -118,7 +122,7 @@ def fit(
     # ---- resume: weights into the plain model before any wrapping, then optimizer, data order and counters
     # one run per folder: the lock is held until fit returns (or its frame is freed after an exception)
     tstate, run_lock = _load_for_resume(out, resume, model, export, info.is_main, console)
-    parts = _prepare_model(model, tc, info)
+    parts = _prepare_model(model, tc, info, tstate, console)
     data_gen = torch.Generator().manual_seed(tc.seed)
     _restore_training_state(tstate, parts, data_gen, task, info)
     files = _RunFiles(out, info.is_main, config_to_toml(cfg), tstate)
@@ -175,7 +179,7 @@ def fit(
             + (f", {final['bpb']:.4f} bits/byte, perplexity {final['ppl']:.2f}" if "bpb" in final else "")
         )
     D.shutdown(info)
-    return _summary(state, train_elapsed, out, files, final, final_dir, interrupted)
+    return _summary(state, train_elapsed, out, files, final, final_dir, interrupted, parts)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -238,10 +242,14 @@ class _TrainedModel:
     optimizer: torch.optim.Optimizer
     params: list[nn.Parameter]  # the trainable ones, for clipping
     save_copy: nn.Module | None  # FSDP on rank 0: a whole copy that the gathered weights are loaded into
+    precision: PrecisionChoice = PrecisionChoice("fp32", "default")  # the autocast format of forward/backward
 
 
-def _prepare_model(model: nn.Module, tc: TrainSection, info: D.DistInfo) -> _TrainedModel:
-    """Move `model` to this rank's device, wrap it for DDP/FSDP, compile it if asked, build AdamW."""
+def _prepare_model(
+    model: nn.Module, tc: TrainSection, info: D.DistInfo, tstate: dict | None, console: Console
+) -> _TrainedModel:
+    """Move `model` to this rank's device, wrap it for DDP/FSDP, compile it if asked, build the optimizer,
+    resolve the precision (and say which, and why)."""
     dev = info.device
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -255,7 +263,9 @@ def _prepare_model(model: nn.Module, tc: TrainSection, info: D.DistInfo) -> _Tra
     )
     train_model = torch.compile(wrapped) if tc.compile else wrapped
     params = [p for p in model.parameters() if p.requires_grad]
-    return _TrainedModel(model, wrapped, train_model, optimizer, params, save_copy)
+    precision = resolve_precision(tc, dev, model, tstate)
+    console.print(f"precision: {precision.name} ({precision.reason}); optimizer: {tc.optimizer}")
+    return _TrainedModel(model, wrapped, train_model, optimizer, params, save_copy, precision)
 
 
 def _train_step(
@@ -283,7 +293,10 @@ def _train_step(
         b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
         if i == 0:
             tokens = b.get("input_ids", next(iter(b.values()))).numel() * world * accum
-        with D.set_grad_sync(parts.wrapped, info, i == accum - 1), autocast_context(dev, tc.precision):
+        with (
+            D.set_grad_sync(parts.wrapped, info, i == accum - 1),
+            autocast_context(dev, parts.precision.name),
+        ):
             loss = task.loss(parts.train_model, b) / accum
         loss.backward()
         loss_sum += loss.detach()
@@ -294,10 +307,31 @@ def _train_step(
     return tokens
 
 
+def resolve_precision(
+    tc: TrainSection, device: torch.device, model: nn.Module, tstate: dict | None
+) -> PrecisionChoice:
+    """train.precision for this run: a resumed run keeps the format it was trained in (so resuming is exact
+    whatever a new measurement would say) unless the config names another one; `auto` otherwise times a
+    matmul of this model's training shape (batch x context tokens by d_model x d_ff) in fp32 and bf16.
+    Under bf16 on CPU, attention runs in fp32 where a timed SDPA at the model's shape says that is faster."""
+    saved, saved_choice = (tstate or {}).get("precision"), None
+    if saved in PRECISIONS and tc.precision == "auto":
+        saved_choice = PrecisionChoice(saved, "the resumed run's precision")
+    cfg = getattr(model, "config", None)
+    d, ff, t = (cfg.d_model, cfg.d_ff, cfg.block_size) if cfg is not None else (256, 1024, 256)
+    choice = saved_choice or choose_precision(tc.precision, device, min(tc.batch_size * t, 4096), d, ff)
+    if choice.name == "bf16" and device.type == "cpu" and cfg is not None:  # and attention where it pays
+        upcast, why = attention_upcast(tc.batch_size, cfg.n_head, t, cfg.head_dim)
+        upcast_attention(model, upcast)
+        choice = dataclasses.replace(choice, reason=f"{choice.reason}; {why}")
+    return choice
+
+
 def autocast_context(device: torch.device, mode: str):
-    """train.precision as a context manager (auto is resolved before the loop starts: see resolve_precision)."""
+    """A resolved train.precision (fp32 | bf16 | fp16) as a context manager: autocast for bf16 and fp16, the
+    weights and optimizer state staying fp32."""
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
+        raise ValueError("resolve train.precision 'auto' first (resolve_precision)")
     if mode == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
@@ -472,6 +506,7 @@ class _Checkpointer:
                 "task": self.task.state_dict(),
                 **counters,
                 "best_val": state.best_val,
+                "precision": self.parts.precision.name,
             }
             if self.export is not None:  # the training module differs from what the checkpoint holds
                 raw_sd = {k: v.detach().cpu() for k, v in self.parts.raw.state_dict().items()}
@@ -568,6 +603,7 @@ def _summary(
     final: dict,
     final_dir: Path | None,
     interrupted: bool,
+    parts: _TrainedModel,
 ) -> dict:
     """What `fit` returns."""
     return {
@@ -582,6 +618,7 @@ def _summary(
         "metrics": str(files.path),
         "plot": str(files.plot_path) if files.plot_path.exists() else None,
         "interrupted": interrupted,
+        "precision": parts.precision.to_dict(),
     }
 
 
