@@ -13,11 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from yuyan.errors import UserError
-from yuyan.model.precision import PrecisionChoice
-from yuyan.model.precision import choose as choose_precision
 from yuyan.train.config import (
     CheckpointSection,
     DataSection,
@@ -33,19 +29,12 @@ ATTENTION_TEXT = (
 )
 
 
-# Where bf16 pays (a machine with matrix units), the budget buys a wider model: the winner of the bf16
-# sweep in BENCHMARKS.md ("Demo recipe under bf16"); configs/demo-bf16.toml holds the same settings.
-WIDE = dict(d_model=256, n_layer=4, n_head=4)
-
-
-def demo_config(
-    minutes: float = 5.0, out: str = "runs/demo", corpus: str = "stdlib", precision: str = "fp32"
-) -> TrainConfig:
+def demo_config(minutes: float = 5.0, out: str = "runs/demo", corpus: str = "stdlib") -> TrainConfig:
     """The demo's training settings (the winners of the sweeps in BENCHMARKS.md, "Pre-training demo sweep"
-    and "Demo recipe under bf16"): the `demo` preset in fp32, or the wider WIDE model in bf16."""
-    model = ModelSection(preset="demo", **(WIDE if precision == "bf16" else {}))
+    and "Demo recipe sweep"). The precision is measured (bf16 where it pays); a wider model for bf16's extra
+    speed lost to the same model taking more steps, so the model does not depend on the choice."""
     return TrainConfig(
-        model=model,
+        model=ModelSection(preset="demo"),
         data=DataSection(corpus=corpus, vocab_size=4096),
         train=TrainSection(
             batch_size=32,
@@ -60,25 +49,12 @@ def demo_config(
             max_steps=0,
             max_time=minutes * 60.0,
             seed=1337,
-            precision=precision,
+            precision="auto",
             log_every=20,
         ),
         eval=EvalSection(every=250, batches=8, final_full=True),
         checkpoint=CheckpointSection(dir=out, every_steps=0, every_minutes=1.0, keep_last=1, save_best=False),
     )
-
-
-def demo_precision(overrides: dict[str, str]) -> PrecisionChoice:
-    """The demo's number format: --train.precision when given, else measured on the wide model's shape (a
-    bf16 matmul of batch x context by d_model x 4 d_model against fp32), since that is the model bf16 buys."""
-    requested = overrides.get("train.precision", "auto")
-    device = overrides.get("train.device", "auto")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    tc, d = demo_config().train, WIDE["d_model"]
-    try:
-        return choose_precision(requested, device, tc.batch_size * 128, d, 4 * d)
-    except ValueError as e:
-        raise UserError(f"--train.precision: {e}") from None
 
 
 def run_demo(
@@ -90,6 +66,7 @@ def run_demo(
     """Run the whole demo; returns the summary (metrics, completions, files written)."""
     import time
 
+    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -102,8 +79,7 @@ def run_demo(
         raise UserError(f"--minutes must be positive, got {minutes}")
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    choice = demo_precision(overrides or {})
-    cfg = apply_overrides(demo_config(minutes, str(out), corpus, choice.name), overrides or {})
+    cfg = apply_overrides(demo_config(minutes, str(out), corpus), overrides or {})
     out = Path(cfg.checkpoint.dir)
     console.print(
         f"[bold]yuyan demo[/]: corpus {cfg.data.corpus}, training budget {cfg.train.max_time / 60:.1f} min, "
@@ -155,7 +131,8 @@ def run_demo(
     table.add_row("held-out bits per byte", f"{final['bpb']:.4f}")
     table.add_row("held-out perplexity", f"{final['ppl']:.2f} (per token; loss {final['loss']:.4f} nats)")
     table.add_row("parameters", f"{num_params(model) / 1e6:.2f}M")
-    table.add_row("precision", f"{choice.name} ({choice.reason})")
+    precision = result["precision"]
+    table.add_row("precision", f"{precision['precision']} ({precision['reason']})")
     table.add_row("optimizer", cfg.train.optimizer + (" + adamw" if cfg.train.optimizer == "muon" else ""))
     table.add_row(
         "training", f"{result['step']} steps, {result['tokens']:,} tokens, {result['elapsed']:.0f} s"
@@ -174,6 +151,6 @@ def run_demo(
         "tokens": result["tokens"],
         "elapsed": result["elapsed"],
         "params": num_params(model),
-        "precision": choice.to_dict(),
+        "precision": precision,
         "optimizer": cfg.train.optimizer,
     }
