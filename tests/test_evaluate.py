@@ -239,13 +239,14 @@ def test_cli_eval_commands(run_cli, tmp_path, tokenizer):
     )
     assert (out / "a" / "perplexity.md").read_text().startswith("# perplexity")
     write_result(
-        {**res, "model": "B", "metrics": {**res["metrics"], "loss": res["metrics"]["loss"] / 2}}, out / "b"
+        {**res, "model": "B", "metrics": {**res["metrics"], "loss": res["metrics"]["loss"] / 2}},
+        tmp_path / "b",  # beside the CLI's output folder: a folder yuyan's CLI did not write is not reused
     )
     r = run_cli(
         "eval",
         "compare",
         out / "a" / "perplexity.json",
-        out / "b" / "perplexity.json",
+        tmp_path / "b" / "perplexity.json",
         "--out",
         out,
         check=True,

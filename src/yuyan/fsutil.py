@@ -79,6 +79,10 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
+def _our_folder(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink() and written_by_us(p) is not None
+
+
 def foreign_entries(folder: Path) -> list[Path]:
     """The entries of `folder` we did not write (every entry when the folder is not ours)."""
     ours = written_by_us(folder) or set()
@@ -109,7 +113,8 @@ def check_output_dir(
                 "choose another output folder"
             )
     if dest.is_dir() and not force and written_by_us(dest) is None:
-        names = [p.name for p in _entries(dest) if p.name != LOCK]
+        # a folder that holds only folders of ours (runs/ holding runs/a and runs/b) is not in the way
+        names = [p.name for p in _entries(dest) if p.name != LOCK and not _our_folder(p)]
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise UserError(
