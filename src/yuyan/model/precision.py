@@ -6,8 +6,9 @@ slower. So `choose` never looks at the CPU's name: it times a matmul of the shap
 tokens x d_model by d_model x d_ff) in float32 and in bfloat16, or the work's own paths where it passes
 `timers` (decoding: one row through every weight matrix of the model, on the paths decoding takes in each
 format; `yuyan.generate.kernels.decode_precision`), interleaved, best of several repetitions within a
-fraction of a second, and takes bf16 when it wins by `MARGIN`. The figures are cached per machine (CPU flags, torch version, threads, shape) in
-`$YUYAN_CACHE_DIR/precision.json` (default ~/.cache/yuyan), so a second run pays nothing; figures timed
+fraction of a second, on one thread (see `alternate`), and takes bf16 when it wins by `MARGIN`. The
+figures are cached per machine (CPU flags, torch version, shape) in `$YUYAN_CACHE_DIR/precision.json`
+(default ~/.cache/yuyan), so a second run pays nothing; figures timed
 while the machine was busy (load average above half its cores) are used but not cached. On CUDA, auto is
 bf16 where the GPU supports it. The choice carries its reason, which `yuyan demo` and the training log print.
 """
@@ -60,13 +61,13 @@ def cache_path() -> Path:
 
 
 def machine_key() -> str:
-    """CPU feature flags, torch version and thread count: what a timed matmul depends on besides load."""
+    """CPU feature flags and torch version: what a timed matmul's ratio depends on besides load."""
     flags = ""
     with contextlib.suppress(OSError):
         flags = next(
             (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), ""
         )
-    text = f"{flags}|{torch.__version__}|{torch.get_num_threads()}"
+    text = f"{flags}|{torch.__version__}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -129,26 +130,36 @@ def cached(key: str, compute) -> list[float]:
 
 def alternate(a, b, budget_s: float, rounds: int = 8) -> tuple[float, float]:
     """The best of alternating calls of `a` and `b` (each returns a figure, higher is better) until
-    `budget_s` is spent: a burst of load from another process costs both alike instead of deciding."""
+    `budget_s` is spent, on one thread: the ratio of the two is what the instructions give, a burst of load
+    costs both alike, and one thread is not thrown off by another process holding a core, where OpenMP's
+    barriers made 2-thread figures 10x worse (bf16/fp32 at 4096x128x512 on a busy AMX Xeon: 7.1x on one
+    thread, 0.8x on two)."""
     fa = fb = 0.0
-    start = time.perf_counter()
-    for _ in range(rounds):
-        fa, fb = max(fa, a()), max(fb, b())
-        if time.perf_counter() - start > budget_s:
-            break
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for _ in range(rounds):
+            fa, fb = max(fa, a()), max(fb, b())
+            if time.perf_counter() - start > budget_s:
+                break
+    finally:
+        torch.set_num_threads(threads)
     return fa, fb
 
 
-def measure(m: int, k: int, n: int, budget_s: float = 0.6) -> tuple[float, float]:
-    """(fp32, bf16) GFLOP/s of an (m, k) @ (k, n) matmul on this machine, from the cache or timed now."""
-    fp32, bf16 = cached(
-        f"{m}x{k}x{n}",
-        lambda: alternate(
+def measure(
+    m: int, k: int, n: int, budget_s: float = 0.6, timers: Timers | None = None, label: str = ""
+) -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s on this machine, from the cache or timed now: of an (m, k) @ (k, n) matmul, or
+    of the work's own `timers` (fp32, bf16), cached under `label` and the shape."""
+    if timers is None:
+        timers = (
             lambda: time_matmul(m, k, n, torch.float32, reps=3),
             lambda: time_matmul(m, k, n, torch.bfloat16, reps=3),
-            budget_s,
-        ),
-    )
+        )
+    key = f"{label}:{m}x{k}x{n}" if label else f"{m}x{k}x{n}"
+    fp32, bf16 = cached(key, lambda: alternate(*timers, budget_s))
     return fp32, bf16
 
 
