@@ -37,7 +37,18 @@ from yuyan.serve.config import ServeConfig
 from yuyan.serve.guards import ApiError, Guard, install_error_handlers
 from yuyan.serve.job import Job
 from yuyan.serve.playground import SCALE, STATIC, attention_view
-from yuyan.serve.schemas import ChatCompletionRequest, CompletionRequest, InspectRequest
+from yuyan.serve.schemas import (
+    AttentionView,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    InspectRequest,
+    ModelCard,
+    ModelList,
+)
 
 log = logging.getLogger("yuyan.serve")
 router = APIRouter()
@@ -103,16 +114,27 @@ def create_app(
     sched = scheduler or Scheduler(
         lm.model, lm.tokenizer, max_batch=config.max_batch, max_queue=config.max_queue, threads=config.threads
     )
-    app = FastAPI(title="yuyan", version="1", lifespan=_lifespan, docs_url=None, redoc_url=None)
+    app = _api()
     prompts = protocol.Prompts.of(lm.tokenizer, sched.block_size)
     app.state.server = Server(lm, sched, config, own=scheduler is None, prompts=prompts)
     app.state.scheduler, app.state.config = sched, config
     app.add_middleware(Guard, config=config)
     install_error_handlers(app)
-    # the routes themselves, not an included router: app.routes then lists every path (the key test walks it)
-    app.router.routes.extend(router.routes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _api() -> FastAPI:
+    app = FastAPI(title="yuyan", version="1", lifespan=_lifespan, docs_url=None, redoc_url=None)
+    _without_422(app)
+    # the routes themselves, not an included router: app.routes then lists every path (the key test walks it)
+    app.router.routes.extend(router.routes)
+    return app
+
+
+def openapi_schema() -> dict:
+    """The server's OpenAPI schema (what GET /openapi.json answers), without a model or a server."""
+    return _api().openapi()
 
 
 @asynccontextmanager
@@ -154,40 +176,83 @@ async def _answer(
 
 
 # ------------------------------------------------------------------------------------------------ routes
-@router.get("/health")
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorResponse, "description": ERROR_MEANING[c]} for c in codes}
+
+
+ERROR_MEANING = {
+    400: "bad input (the field is named in `param`)",
+    401: "missing or wrong API key",
+    404: "unknown model",
+    408: "the body did not arrive within the body deadline",
+    413: "the body is larger than the limit",
+    421: "a Host header this server does not answer to",
+    429: "too many requests in flight or waiting (Retry-After)",
+    503: "shutting down",
+}
+GENERATION_ERRORS = _errors(400, 401, 404, 408, 413, 421, 429, 503)
+# `stream: true`: server-sent events, each `data:` a JSON chunk (or `[DONE]`); the schema is of one event
+EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+STREAM = {"text/event-stream": {"schema": EVENT}}
+
+
+def _without_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every body; this server answers bad input with OpenAI's 400."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for ops in schema["paths"].values():
+                for op in ops.values():
+                    op["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+@router.get("/health", responses={200: {"model": Health}, **_errors(421)})
 async def health(request: Request):
     s = _server(request)
     stats = s.sched.stats()
     return {"status": "ok" if stats["running"] else "stopped", "model": s.config.model_name, **stats}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401, 421)})
 async def models(request: Request):
     return {"object": "list", "data": [_server(request).card()]}
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", responses={200: {"model": ModelCard}, **_errors(401, 404, 421)})
 async def model_info(model_id: str, request: Request):
     s = _server(request)
     protocol.check_model(model_id, s.config)
     return s.card()
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    responses={200: {"model": CompletionResponse, "content": STREAM}, **GENERATION_ERRORS},
+)
 async def completions(body: CompletionRequest, request: Request):
     s = _server(request)
     prompts, gen = await s.off_loop(protocol.completion_request, body, s.prompts, s.config)
     return await _answer(s, body, False, prompts, gen, request)
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    responses={200: {"model": ChatCompletionResponse, "content": STREAM}, **GENERATION_ERRORS},
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = _server(request)
     ids, gen = await s.off_loop(protocol.chat_request, body, s.prompts, s.config)
     return await _answer(s, body, True, [ids], gen, request)
 
 
-@router.post("/v1/inspect/attention")
+@router.post("/v1/inspect/attention", responses={200: {"model": AttentionView}, **GENERATION_ERRORS})
 async def inspect_attention(body: InspectRequest, request: Request):
     """Tokens and per-layer, per-head attention (integers 0..SCALE) of the last tokens of a text."""
     s = _server(request)
@@ -221,4 +286,4 @@ async def playground():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
-__all__ = ["check_finite_logits", "create_app"]
+__all__ = ["check_finite_logits", "create_app", "openapi_schema"]

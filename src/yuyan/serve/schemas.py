@@ -5,7 +5,8 @@ every list and string that reaches the engine has a bound, every string is text 
 400 naming its field), and unknown fields are ignored (OpenAI clients
 send fields we do not use, such as `stream_options` extras). Field ranges follow OpenAI's documentation;
 `top_k`, `min_p`, `repetition_penalty` and `sliding_window` are extensions (as vLLM adds `top_k`).
-Responses are plain dicts built in protocol.py in OpenAI's shapes.
+Responses are plain dicts built in protocol.py in OpenAI's shapes; the response models below only
+describe them in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -112,6 +113,100 @@ class InspectRequest(_Strict):
     model: str | None = Field(None, max_length=256)
 
 
+# ------------------------------------------------------------------------------------------------ responses
+# What the routes answer, for the OpenAPI schema (the fuzz test checks every response against it); the
+# routes build plain dicts (protocol.py) and these are never used to serialize them.
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Open):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Open):
+    """OpenAI's error shape: every 4xx and 5xx."""
+
+    error: ErrorDetail
+
+
+class Usage(_Open):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(_Open):
+    index: int
+    text: str
+    logprobs: dict | None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(_Open):
+    """A completions answer (`stream: true` answers text/event-stream chunks instead)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(_Open):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Open):
+    index: int
+    message: AssistantMessage
+    logprobs: dict | None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(_Open):
+    """A chat answer (`stream: true` answers text/event-stream chunks instead)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(_Open):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int
+
+
+class ModelList(_Open):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Open):
+    status: Literal["ok", "stopped"]
+    model: str
+
+
+class AttentionView(_Open):
+    model: str
+    tokens: list[str]
+    scale: int
+    attention: list[list[list[list[int]]]]  # [layer][head][query][key]
+    n_layer: int
+    n_head: int
+
+
 def error_body(
     message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict:
@@ -120,6 +215,13 @@ def error_body(
 
 
 __all__ = [
+    "AttentionView",
+    "ChatCompletionResponse",
+    "CompletionResponse",
+    "ErrorResponse",
+    "Health",
+    "ModelCard",
+    "ModelList",
     "CompletionRequest",
     "ChatCompletionRequest",
     "ChatMessage",
