@@ -6,7 +6,9 @@ is excluded. Also prints the memory-bandwidth roofline (parameter bytes read per
 bandwidth, and over a measured read-only bandwidth, since decoding only reads weights) and our fraction of
 it, whether the decode kernel (yuyan/generate/kernels.py) ran, the int8 (`quantize_int8`) speed-up over
 fp32, and greedy speculative decoding (`--speculative K`: K tokens drafted by the int8 copy, verified by
-the fp32 model, so the tokens are the fp32 greedy ones; checked in the run).
+the fp32 model, so the tokens are the fp32 greedy ones; checked in the run), and bf16 decoding
+(`decode_layout(model, "bf16")`: bf16 weights and KV cache, the bf16 decode kernel up to BF16_ROWS rows,
+torch's bf16 GEMM above) with the choice `--dtype auto` makes on this machine and why.
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--repeats 2] [--threads 2] [--speculative 4]
 """
@@ -22,7 +24,7 @@ from functools import partial
 import torch
 
 from yuyan.generate import GenerationConfig, generate
-from yuyan.generate.kernels import skinny_linear_op
+from yuyan.generate.kernels import decode_layout, decode_precision, skinny_linear_op
 from yuyan.model.flops import num_params
 from yuyan.model.hf import hf_to_ours
 from yuyan.model.presets import preset
@@ -114,12 +116,24 @@ def main() -> None:
         "decode_kernel": skinny_linear_op() is not None,  # False: torch's matmuls (YUYAN_DECODE_KERNEL=0)
     }
     int8 = quantize_int8(_copy(ours, cfg))
+    bf16 = decode_layout(_copy(ours, cfg), "bf16")
+    auto = decode_precision(ours, "auto")
+    result["auto_dtype"] = auto.name
+    result["auto_reason"] = auto.reason
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_tokens), generator=g)
         run_ours = partial(_run_ours, ours, prompts)
         run_hf = partial(_run_hf, hf, prompts)
         same = [c[0].token_ids for c in run_ours(16)] == run_hf(16)[:, args.prompt_tokens :].tolist()
-        runs = {"ours": run_ours, "hf": run_hf, "int8": partial(_run_ours, int8, prompts)}
+        runs = {
+            "ours": run_ours,
+            "hf": run_hf,
+            "int8": partial(_run_ours, int8, prompts),
+            "bf16": partial(_run_ours, bf16, prompts),
+        }
+        # bf16 rounds every product, so its greedy tokens drift from fp32's: the share of the first 32 kept
+        a, b = [c[0].token_ids for c in run_ours(32)], [c[0].token_ids for c in runs["bf16"](32)]
+        agree = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
         if args.speculative:
             runs["spec"] = partial(_run_ours, ours, prompts, speculative=args.speculative)
             spec_same = [c[0].token_ids for c in runs["spec"](args.new_tokens)] == [
@@ -134,6 +148,10 @@ def main() -> None:
             "int8_tok_s": round(r_int8, 1),
             "int8_speedup": round(r_int8 / r_ours, 2),
             "greedy_tokens_match_hf": same,
+            "bf16_tok_s": round(rates["bf16"], 1),
+            "bf16_speedup": round(rates["bf16"] / r_ours, 2),
+            "bf16_ratio_to_hf": round(rates["bf16"] / r_hf, 2),
+            "bf16_first32_greedy_agree_fp32": round(agree / (32 * batch), 2),
         }
         if args.speculative:  # the same fp32 greedy tokens, drafted by the int8 copy and verified
             result[f"b{batch}"].update(

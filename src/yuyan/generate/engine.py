@@ -5,6 +5,11 @@ admits every prompt's n rows into one `Decoder` sized for the run, and steps it 
 greedy runs that `speculative.usable` accepts step with the speculative strategy, beam search runs its own
 search (`beams.py`) over the core's forward step. `stream` yields one row's text as the core produces it.
 `generate_naive` is the no-cache greedy oracle the tests hold the core to.
+
+The number format is the model's: `generate` and `stream` lay the model out for decoding in its own dtype
+(`kernels.decode_layout(model)`). To decode in bf16, or in what a timed decode step says pays on this
+machine, lay it out once first: `decode_layout(model, "bf16" | "auto")` (the CLI's `--dtype`); the KV
+cache follows the weights and logits reach sampling in float32.
 """
 
 from __future__ import annotations
