@@ -432,3 +432,16 @@ def test_invalid_utf8_bytes_in_a_prompt_argument_are_one_line(tmp_path, tokenize
     )
     line = one_error(p.returncode, p.stderr.decode("utf-8", "replace"))
     assert "UTF-8" in line
+
+
+def test_a_fifo_as_tokenizer_json_or_config_json_is_refused_not_read(tmp_path, tokenizer):
+    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer)
+    for name in ("tokenizer.json", "config.json"):
+        d = tmp_path / name.split(".")[0]
+        shutil.copytree(ckpt, d)
+        (d / "manifest.json").unlink()  # no checksum to stop it first: the reader itself must refuse
+        (d / name).unlink()
+        os.mkfifo(d / name)
+        code = f"import yuyan\ntry:\n    yuyan.load({str(d)!r})\nexcept yuyan.UserError as e:\n    print(e)"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "not a regular file" in p.stdout, p.stdout + p.stderr[-2000:]

@@ -92,6 +92,8 @@ class Tokenizer:
             raise UserError(
                 f"no tokenizer.json in {p}: train one with `yuyan tokenizer train` or point at a model folder"
             )
+        if not f.is_file():  # a FIFO or a device would block the read or never end
+            raise UserError(f"{f} is not a regular file; point at a real tokenizer.json")
         try:
             return cls(HFTokenizer.from_file(str(f)))
         except Exception as e:  # the Rust loader raises a bare Exception on bad JSON
