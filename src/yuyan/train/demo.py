@@ -49,6 +49,8 @@ def demo_config(minutes: float = 5.0, out: str = "runs/demo", corpus: str = "std
             max_steps=0,
             max_time=minutes * 60.0,
             seed=1337,
+            optimizer="muon",  # Muon + AdamW: BENCHMARKS.md, "Demo recipe sweep" (issue 21)
+            muon_lr=0.02,
             precision="auto",
             log_every=20,
         ),
