@@ -286,7 +286,8 @@ def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, tokenizer):
 def test_config_with_nan_or_bad_values_is_one_line_naming_config_json(tmp_path, tokenizer):
     ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer)
     good = json.loads((ckpt / "config.json").read_text())
-    for key, value in (("n_head", "four"), ("d_model", 0), ("n_layer", -1)):
+    bad = [("dropout", float("nan")), ("norm_eps", float("nan")), ("dropout", 2.0), ("rope_theta", 1e999)]
+    for key, value in [*bad, ("n_head", "four"), ("d_model", 0), ("n_layer", -1)]:
         (ckpt / "config.json").write_text(json.dumps({**good, key: value}))
         with pytest.raises(UserError, match="config.json"):
             load_checkpoint(ckpt, verify=False)
