@@ -14,7 +14,6 @@ included) reaches the server through it."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from yuyan.serve import protocol
 from yuyan.serve.config import ServeConfig
 from yuyan.serve.guards import ApiError, Guard, install_error_handlers
 from yuyan.serve.job import Job
-from yuyan.serve.playground import SCALE, STATIC, attention_view
+from yuyan.serve.playground import STATIC, attention_json, attention_view
 from yuyan.serve.schemas import (
     AttentionView,
     ChatCompletionRequest,
@@ -270,15 +269,7 @@ def _inspection(s: Server, text: str, keep: int) -> bytes:
         raise ApiError(400, "the text has no tokens; give some text", "text")
     with torch.inference_mode():
         tokens, layers = attention_view(s.lm.model, s.lm.tokenizer, ids)
-    view = {
-        "model": s.config.model_name,
-        "tokens": tokens,
-        "scale": SCALE,
-        "attention": layers,
-        "n_layer": len(layers),
-        "n_head": len(layers[0]) if layers else 0,
-    }
-    return json.dumps(view, ensure_ascii=False, separators=(",", ":")).encode()
+    return attention_json(s.config.model_name, tokens, layers)
 
 
 @router.get("/", include_in_schema=False)
