@@ -430,3 +430,25 @@ def test_speculative_decoding_equals_plain_greedy(family):
     )
     with pytest.raises(UserError, match="speculative"):
         GenerationConfig.from_dict(dict(speculative=-1)).validate()
+
+
+def test_nonfinite_logits_are_the_models_fault_not_the_requests(tokenizer):
+    import time
+
+    from yuyan.generate.scheduler import Failed, Scheduler
+
+    model = Transformer(tiny_config("gpt2", vocab_size=tokenizer.vocab_size)).eval()
+    # weights that overflow on some inputs: the head's output turns nan on every decode step after the prompt
+    model.lm_head.register_forward_hook(lambda m, i, out: out * float("nan") if i[0].shape[-2] == 1 else out)
+    ids = tokenizer.encode("import os")
+    cfg = GenerationConfig.from_dict(dict(max_new_tokens=4, **GREEDY))
+    with pytest.raises(UserError, match="model produced non-finite logits"):
+        generate(model, tokenizer, [ids], cfg)
+    events: list = []
+    with Scheduler(model, tokenizer, max_batch=2, max_queue=2) as s:
+        s.submit(ids, cfg, emit=events.append)
+        deadline = time.time() + 30
+        while not any(isinstance(e, Failed) for e in events) and time.time() < deadline:
+            time.sleep(0.01)
+    failed = next(e for e in events if isinstance(e, Failed))
+    assert "non-finite logits" in failed.message and not failed.invalid  # a 500, not the client's temperature

@@ -193,6 +193,9 @@ OVERFLOW = (
     "the sampling settings overflowed the model's logits; use a temperature >= 0.01 and penalties of "
     "moderate size"
 )
+NONFINITE = (
+    "the model produced non-finite logits (nan or inf) for this input: its weights or activations overflow"
+)
 
 
 class Decoder:
@@ -322,6 +325,7 @@ class Decoder:
         logits = self.logits
         if self._decodable is not None:
             logits[:, self._decodable :] = float("-inf")
+        logits = self._fail_nonfinite(logits)
         proc = process(logits, st, self._counts, self._prompt_mask)
         if proc is not logits:
             proc = self._fail_overflowed(logits, proc)
@@ -335,6 +339,16 @@ class Decoder:
         self.tokens = tokens
         return list(self.rows)
 
+    def _fail_nonfinite(self, logits: torch.Tensor) -> torch.Tensor:
+        """A row whose raw logits hold a nan or +inf (or nothing above -inf) fails as the model's fault, not
+        the request's; it samples from zeros for its last step. One reduction per step."""
+        bad = ~torch.isfinite(logits.amax(-1))
+        if not bool(bad.any()):
+            return logits
+        for i in bad.nonzero().flatten().tolist():
+            self.rows[i].error, self.rows[i].model_error, self.rows[i].finish = NONFINITE, True, "error"
+        return torch.where(bad[:, None], torch.zeros_like(logits), logits)
+
     def _fail_overflowed(self, logits: torch.Tensor, proc: torch.Tensor) -> torch.Tensor:
         """Settings valid one by one can still overflow (temperature 1e-300, penalty 5e-324): such a row has
         no distribution to sample. It fails alone, never the batch. A row's max is nan or +-inf exactly when
@@ -343,8 +357,8 @@ class Decoder:
         if not bool(bad.any()):
             return proc
         for i in bad.nonzero().flatten().tolist():
-            self.rows[i].error = OVERFLOW
-            self.rows[i].finish = "error"
+            if self.rows[i].error is None:  # a row the model already failed keeps that reason
+                self.rows[i].error, self.rows[i].finish = OVERFLOW, "error"
         return torch.where(bad[:, None], logits, proc)
 
     def _logprobs(

@@ -53,7 +53,7 @@ def _run(core: Decoder) -> Iterator[None]:
     while core.rows:
         core.choose()
         failed = next((r.error for r in core.rows if r.error), None)
-        if failed:  # only sampling can fail a row (settings that overflow the logits)
+        if failed:  # settings that overflow the logits, or a model whose logits are not finite
             raise UserError(failed)
         yield
         if core.advance():

@@ -42,6 +42,7 @@ class Row:
         self.emitted = 0  # chars of self.text already handed to a stream
         self.finish: str | None = None  # "stop" | "length"
         self.error: str | None = None  # set when the row failed (its settings overflowed the logits)
+        self.model_error = False  # the failure was the model's (non-finite logits), not the request's
         self.cut = False  # a stop string ended the text
         self.logprobs: list[TokenLogprob] = []
         self.new: list[int] = []  # tokens taken in the current step (the core clears it)

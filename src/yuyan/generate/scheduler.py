@@ -313,7 +313,7 @@ class Scheduler:
         if req.cancelled or req.done:
             return
         if row.error:
-            _safe_emit(req, Failed(row.error, invalid=True))
+            _safe_emit(req, Failed(row.error, invalid=not row.model_error))
             req.cancelled = True  # its other rows leave at the next step
             return
         ended_by_id = bool(row.new) and row.new[-1] in row.stop_ids and row.finish == "stop"
