@@ -21,6 +21,8 @@ import time
 
 import torch
 
+import yuyan  # noqa: F401  (first: it sets torch's huge-page allocation before any tensor exists)
+
 
 def peak_matmul_flops(n: int = 2048, reps: int = 8) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)

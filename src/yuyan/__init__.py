@@ -4,9 +4,17 @@ Public API: `load(spec)` → LanguageModel (model + tokenizer), `Tokenizer`, `Mo
 Training, generation, evaluation and serving live in their subpackages and are re-exported here lazily.
 """
 
-from yuyan.errors import UserError
-from yuyan.model import KVCache, LanguageModel, ModelConfig, Transformer, load, preset
-from yuyan.tokenizer import Tokenizer
+import os
+
+# Transparent huge pages for torch's large CPU tensors (its allocator reads this before its first large
+# allocation): a 124M-parameter bf16 training step allocates and frees hundreds of MB of casts and
+# gradients, and faulting them in 4 KB pages cost 13-22% of the step (BENCHMARKS.md, "Training precision").
+# An explicit THP_MEM_ALLOC_ENABLE=0 in the environment wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from yuyan.errors import UserError  # noqa: E402
+from yuyan.model import KVCache, LanguageModel, ModelConfig, Transformer, load, preset  # noqa: E402
+from yuyan.tokenizer import Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
