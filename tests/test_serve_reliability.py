@@ -244,3 +244,25 @@ def test_oversized_prompts_are_refused_before_tokenising(tokenizer, monkeypatch)
     batches = [(thread, n) for fn, thread, n in calls if fn == "encode_batch"]
     assert [thread.startswith("yuyan-prepare") for thread, _ in batches] == [True, True]
     assert max(n for _, _, n in calls) < 10_000  # the attention view tokenised the text's end only
+
+
+def test_a_body_too_big_for_any_fitting_prompt_is_refused_unread(tokenizer):
+    """A completion body larger than any request whose prompts fit the model is a 400 by its Content-Length
+    alone: the server answers before a byte of it arrives (parsing hostile megabytes held the GIL beside
+    every stream) and closes the connection."""
+    import socket
+    from urllib.parse import urlsplit
+
+    with serve(tokenizer, max_body_bytes=8 << 20, body_timeout_s=20) as (base, _, app):
+        url = urlsplit(base)
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 4000000\r\n\r\n"
+        )
+        with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+            sock.sendall(head.encode())  # and no body at all
+            reply = sock.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 400") and "context_length_exceeded" in reply, reply[:300]
+        assert "connection: close" in reply.lower()
+        r = httpx.post(base + "/v1/completions", json=COMPLETION, timeout=30)  # the server is fine
+        assert r.status_code == 200

@@ -117,7 +117,7 @@ def create_app(
     prompts = protocol.Prompts.of(lm.tokenizer, sched.block_size)
     app.state.server = Server(lm, sched, config, own=scheduler is None, prompts=prompts)
     app.state.scheduler, app.state.config = sched, config
-    app.add_middleware(Guard, config=config)
+    app.add_middleware(Guard, config=config, generation_body_bytes=prompts.body_bytes(config.max_n))
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

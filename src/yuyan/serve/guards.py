@@ -101,12 +101,18 @@ def host_name(header: str) -> str:
     return h.rstrip(".")
 
 
+GENERATION_PATHS = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}  # and their prompt field
+
+
 class Guard:
     """Pure ASGI middleware: Host header, API key, the request body (size and deadline), requests in
     flight."""
 
-    def __init__(self, app: ASGIApp, config: ServeConfig):
+    def __init__(self, app: ASGIApp, config: ServeConfig, generation_body_bytes: int | None = None):
         self.app, self.config = app, config
+        # completion and chat bodies larger than any request whose prompts fit the model are refused by
+        # their Content-Length, unread: parsing a hostile 1 MB body held the GIL beside every stream
+        self.generation_body_bytes = generation_body_bytes
         self.key = config.api_key.encode() if config.api_key else None
         self.any_host = "*" in config.allowed_hosts
         names = [*config.allowed_hosts, *([] if config.host in WILDCARD_BINDS else [config.host])]
@@ -123,7 +129,7 @@ class Guard:
             return await self.app(scope, receive, send)
         if refused is None and scope.get("method") in BODY_METHODS:
             # read before the request counts as in flight: a slow body holds its own connection only
-            body, refused = await self._read_body(receive, headers)
+            body, refused = await self._read_body(receive, headers, path)
             if body is None and refused is None:  # the client left while sending
                 return None
             if refused is None:
@@ -184,7 +190,7 @@ class Guard:
         return scope, receive_again
 
     async def _read_body(
-        self, receive: Receive, headers: dict[str, bytes]
+        self, receive: Receive, headers: dict[str, bytes], path: str
     ) -> tuple[bytes | None, ApiError | None]:
         """(the whole body, None), (None, the 413 or 408 refusal), or (None, None) if the client left.
         A 408 closes the connection (its body is slow by definition); after a 413 the rest of the body
@@ -203,6 +209,16 @@ class Guard:
             declared = 0
         if declared > limit:  # refused before a byte is read
             return None, too_big
+        fits = self.generation_body_bytes
+        if fits is not None and path in GENERATION_PATHS and declared > fits:  # a prompt that cannot fit
+            return None, ApiError(
+                400,
+                f"the request body of {declared} bytes holds more prompt than this model's context can take "
+                f"(a request whose prompts fit needs at most {fits} bytes); send a shorter prompt",
+                param=GENERATION_PATHS[path],
+                code="context_length_exceeded",
+                headers=close,  # the body is left unread: the connection cannot be reused
+            )
         try:
             async with asyncio.timeout(deadline):
                 return await self._read_chunks(receive, limit, too_big)

@@ -138,6 +138,14 @@ class Prompts:
         longest = longest_token_bytes(tok)
         return cls(tok, block_size, None if longest is None else block_size * longest)
 
+    def body_bytes(self, max_n: int) -> int | None:
+        """The most bytes a completion or chat request body needs when every prompt fits (None: unknown):
+        max_n prompts of max_bytes text, each byte at worst a 6-byte JSON escape (or ids of up to 8 bytes
+        each), plus 64 KiB for the other fields. A larger body cannot be a request this model can serve."""
+        if self.max_bytes is None:
+            return None
+        return max_n * max(6 * self.max_bytes, 8 * self.block_size) + (64 << 10)
+
     def too_long(self, param: str, size: int, unit: str) -> ApiError:
         what = "tokens" if unit == "tokens" else "bytes of UTF-8"
         why = "" if unit == "tokens" else f", more than {self.max_bytes} bytes of text can fill"
