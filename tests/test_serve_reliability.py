@@ -250,6 +250,7 @@ def test_a_body_too_big_for_any_fitting_prompt_is_refused_unread(tokenizer):
     """A completion body larger than any request whose prompts fit the model is a 400 by its Content-Length
     alone: the server answers before a byte of it arrives (parsing hostile megabytes held the GIL beside
     every stream) and closes the connection."""
+    import json
     import socket
     from urllib.parse import urlsplit
 
@@ -267,5 +268,11 @@ def test_a_body_too_big_for_any_fitting_prompt_is_refused_unread(tokenizer):
             reply = b"".join(chunks).decode()
         assert reply.startswith("HTTP/1.1 400") and "context_length_exceeded" in reply, reply[:300]
         assert "connection: close" in reply.lower()
+        # a chunked body (no Content-Length) is refused once it grows past the bound, not at --max-body-bytes
+        big = json.dumps({"model": "tiny", "prompt": "x" * (2 << 20)}).encode()
+        r = httpx.post(
+            base + "/v1/completions", content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)])
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         r = httpx.post(base + "/v1/completions", json=COMPLETION, timeout=30)  # the server is fine
         assert r.status_code == 200

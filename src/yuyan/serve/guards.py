@@ -210,15 +210,18 @@ class Guard:
         if declared > limit:  # refused before a byte is read
             return None, too_big
         fits = self.generation_body_bytes
-        if fits is not None and path in GENERATION_PATHS and declared > fits:  # a prompt that cannot fit
-            return None, ApiError(
+        if fits is not None and path in GENERATION_PATHS and fits < limit:  # a prompt that cannot fit
+            too_big = ApiError(
                 400,
-                f"the request body of {declared} bytes holds more prompt than this model's context can take "
-                f"(a request whose prompts fit needs at most {fits} bytes); send a shorter prompt",
+                "the request body holds more prompt than this model's context can take (a request whose "
+                f"prompts fit needs at most {fits} bytes); send a shorter prompt",
                 param=GENERATION_PATHS[path],
                 code="context_length_exceeded",
-                headers=close,  # the body is left unread: the connection cannot be reused
+                headers=close,  # the rest of the body is left unread: the connection cannot be reused
             )
+            if declared > fits:  # by its Content-Length, before a byte is read
+                return None, too_big
+            limit = fits  # a chunked body: refused once it grows past the bound
         try:
             async with asyncio.timeout(deadline):
                 return await self._read_chunks(receive, limit, too_big)
