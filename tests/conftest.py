@@ -113,3 +113,20 @@ def decode_kernel():
     op = kernels.skinny_linear_op()
     assert op is not None, "the decode kernel did not build (see the warning above)"
     return op
+
+
+def cli_in_process(capsys, *args, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    """`yuyan ARGS` in this process (no interpreter start-up); returns (status, stdout, stderr)."""
+    from yuyan.cli import main
+
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

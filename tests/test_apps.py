@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import tiny_config
+from tests.conftest import cli_in_process, tiny_config
 
 from yuyan import apps
 from yuyan.errors import UserError
@@ -147,23 +147,6 @@ def test_pipeline_errors_are_clear(tokenizer, plain_tokenizer):
         apps.translate(lm, "x", target=" ")
 
 
-def _cli(capsys, *args, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
-    """`yuyan ARGS` in this process (fast: no interpreter start-up); returns (status, stdout, stderr)."""
-    from yuyan.cli import main
-
-    if stdin is not None:
-        import io
-
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_every_task_on_the_cli(tmp_path, tokenizer, run_cli, capsys, monkeypatch):
     torch.manual_seed(0)
     ck = save_checkpoint(
@@ -180,20 +163,20 @@ def test_every_task_on_the_cli(tmp_path, tokenizer, run_cli, capsys, monkeypatch
         ("code", ["--prompt", "def f(x):"]),
         ("chat", ["--prompt", "hi", "--system", "be brief"]),
     ]:
-        code, out, err = _cli(capsys, "run", task, *common, *extra, "--json")
+        code, out, err = cli_in_process(capsys, "run", task, *common, *extra, "--json")
         assert code == 0, (task, err)
         assert json.loads(out.strip().splitlines()[-1])["task"] == task
-    code, out, _ = _cli(
+    code, out, _ = cli_in_process(
         capsys, "run", "chat", *common, stdin="hello\n\nhow are you?\n", monkeypatch=monkeypatch
     )
     assert code == 0 and out.count("assistant:") == 2
     f = tmp_path / "reviews.txt"
     f.write_text("great film\n很差\n", encoding="utf-8")
-    code, out, _ = _cli(capsys, "run", "sentiment", "--model", ck, "--file", f, "--json")
+    code, out, _ = cli_in_process(capsys, "run", "sentiment", "--model", ck, "--file", f, "--json")
     rows = [json.loads(line) for line in out.strip().splitlines()]
     assert code == 0 and [r["text"] for r in rows] == ["great film", "很差"]
     assert all(r["label"] in ("positive", "negative") for r in rows)
-    code, out, _ = _cli(capsys, "run", "--help")
+    code, out, _ = cli_in_process(capsys, "run", "--help")
     assert code == 0 and "Examples" in out
     # through the real entry point: output, and one-line errors with status 2
     p = run_cli("run", "summarize", *common, "--prompt", "A story.")
@@ -211,9 +194,9 @@ def test_both_chat_commands_drive_the_one_loop(tmp_path, tokenizer, capsys, monk
     )
     script = "hello\n/reset\nhi\n/exit\nnot read\n"
     opts = ["--model", ck, "--max-new-tokens", "6", "--temperature", "0", "--system", "be brief"]
-    code, chat_out, err = _cli(capsys, "chat", *opts, stdin=script, monkeypatch=monkeypatch)
+    code, chat_out, err = cli_in_process(capsys, "chat", *opts, stdin=script, monkeypatch=monkeypatch)
     assert code == 0, err
-    code, run_out, err = _cli(capsys, "run", "chat", *opts, stdin=script, monkeypatch=monkeypatch)
+    code, run_out, err = cli_in_process(capsys, "run", "chat", *opts, stdin=script, monkeypatch=monkeypatch)
     assert code == 0, err
     assert chat_out == run_out
     lines = chat_out.splitlines()
@@ -266,9 +249,11 @@ def test_settings_a_task_cannot_use_are_refused(tokenizer, capsys, tmp_path, mon
     with pytest.raises(UserError, match="unknown generation settings"):
         apps.code(lm, "def f", temprature=0)
     ck = save_checkpoint(tmp_path / "m", lm.model, tokenizer)
-    code, _, err = _cli(capsys, "run", "sentiment", "--model", ck, "--prompt", "good", "--temperature", "0")
+    code, _, err = cli_in_process(
+        capsys, "run", "sentiment", "--model", ck, "--prompt", "good", "--temperature", "0"
+    )
     assert code == 2 and "drop --temperature" in err
-    code, _, err = _cli(capsys, "run", "summarize", "--model", ck, "--prompt", "x", "--system", "s")
+    code, _, err = cli_in_process(capsys, "run", "summarize", "--model", ck, "--prompt", "x", "--system", "s")
     assert code == 2 and "summarize does not take --system" in err
-    code, out, _ = _cli(capsys, "run", "--help")
+    code, out, _ = cli_in_process(capsys, "run", "--help")
     assert code == 0 and "--frequency-penalty" in out and "--logprobs" not in out

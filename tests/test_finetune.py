@@ -389,7 +389,7 @@ def test_cli_finetune_classify_lora_and_errors(tmp_path, tokenizer, run_cli, cap
     via_adapter = Classifier.from_pretrained(out / "adapter")
     texts = [r["text"] for r in held[:6]]
     assert [p[0] for p in via_adapter.predict(texts)] == [p[0] for p in clf.predict(texts)]
-    from tests.test_apps import _cli
+    from tests.conftest import cli_in_process as _cli
 
     code, _, err = _cli(
         capsys, "finetune", "--model", base, "--task", "classify", "--data", csv_path, "--out", tmp_path / "x"

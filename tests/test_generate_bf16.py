@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import tiny_config
+from tests.conftest import cli_in_process, tiny_config
 from torch import nn
 
 import yuyan.model.precision as P
@@ -149,24 +149,12 @@ def test_the_real_measurement_is_cached(op, monkeypatch, tmp_path):
     assert decode_precision(model, "auto") == first
 
 
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    from yuyan.cli import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize("family", ["llama"])
 def test_dtype_option_of_generate_and_perplexity(op, capsys, tiny_checkpoint, tokenizer):
     from yuyan.model import load
 
     args = ["generate", "-m", tiny_checkpoint, "-p", "def f", "--max-new-tokens", "8", "--temperature", "0"]
-    code, out, err = _cli(capsys, *args, "--dtype", "bf16", "--json")
+    code, out, err = cli_in_process(capsys, *args, "--dtype", "bf16", "--json")
     assert code == 0, err
     lm = load(tiny_checkpoint)
     decode_layout(lm.model, "bf16")
@@ -174,14 +162,14 @@ def test_dtype_option_of_generate_and_perplexity(op, capsys, tiny_checkpoint, to
         lm.model, lm.tokenizer, ["def f"], GenerationConfig.from_dict(dict(max_new_tokens=8, temperature=0))
     )
     assert json.loads(out)["completions"][0]["token_ids"] == ref[0][0].token_ids
-    code, out, err = _cli(capsys, *args, "--dtype", "fp16")
+    code, out, err = cli_in_process(capsys, *args, "--dtype", "fp16")
     assert code == 2 and err.strip() == "error: unknown --dtype 'fp16'; use auto, fp32 or bf16"
-    code, out, err = _cli(capsys, *args, "--dtype", "bf16", "--quantize", "int8")
+    code, out, err = cli_in_process(capsys, *args, "--dtype", "bf16", "--quantize", "int8")
     assert code == 2 and "drop --dtype bf16 or --quantize" in err
     ppl = {}
     for dt in ("fp32", "bf16"):
         ev = ["eval", "perplexity", "-m", tiny_checkpoint, "--corpus", "stdlib", "--max-bytes", "3000"]
-        code, out, err = _cli(capsys, *ev, "--dtype", dt, "--device", "cpu")
+        code, out, err = cli_in_process(capsys, *ev, "--dtype", dt, "--device", "cpu")
         assert code == 0, err
         ppl[dt] = out
     assert ppl["fp32"] != ppl["bf16"]  # the bf16 weights were really scored

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.conftest import cli_in_process
 
 
 @pytest.mark.parametrize("family", ["llama"])
@@ -99,23 +100,6 @@ def test_chat_cli(run_cli, tiny_checkpoint):
     assert "(history cleared)" in lines and len(lines) >= 3
 
 
-def _in_process(capsys, *args, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
-    """`yuyan ARGS` in this process (no interpreter start-up); returns (status, stdout, stderr)."""
-    from yuyan.cli import main
-
-    if stdin is not None:
-        import io
-
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_every_generation_setting_is_an_option_of_generate(capsys, monkeypatch):
     from yuyan.cli.common import HELP, settings
 
@@ -125,14 +109,14 @@ def test_every_generation_setting_is_an_option_of_generate(capsys, monkeypatch):
     flat = set(GenerationConfig().to_dict())
     assert {s.name for s in settings()} == flat  # the flat form: sampling's fields beside the others
     assert set(HELP) == flat  # each setting has its line of help
-    code, out, _ = _in_process(capsys, "generate", "--help")
+    code, out, _ = cli_in_process(capsys, "generate", "--help")
     assert code == 0
     words = set(out.replace("│", " ").replace(",", " ").split())
     for s in settings():
         assert s.flags[0] in words, s.name
     assert "--beams" in out and "--no-sliding-window" in out
     # a chat streams one reply a turn: the settings it cannot honour are not offered
-    code, out, _ = _in_process(capsys, "chat", "--help")
+    code, out, _ = cli_in_process(capsys, "chat", "--help")
     assert code == 0 and "--top-p" in out and "0.95" in out
     assert not {"--n", "--num-beams", "--logprobs", "--stop-token-ids", "--context-overflow"} & set(
         out.replace("│", " ").split()
@@ -151,7 +135,7 @@ def test_generation_flags_reach_the_config(tiny_checkpoint, capsys, monkeypatch)
         return [[Completion("", [], "length")] for _ in prompts]
 
     monkeypatch.setattr(yuyan.generate, "generate", fake_generate)
-    code, _, err = _in_process(
+    code, _, err = cli_in_process(
         capsys, "generate", "--model", tiny_checkpoint, "--prompt", "x", "--json",
         "--frequency-penalty", "0.5", "--presence-penalty", "0.25", "--stop", "\n", "--stop", "END",
         "--logprobs", "2", "--stop-token-ids", "3", "--stop-token-ids", "7", "--context-overflow", "error",
@@ -165,13 +149,15 @@ def test_generation_flags_reach_the_config(tiny_checkpoint, capsys, monkeypatch)
     assert (cfg.sampling.min_p, cfg.sampling.seed, cfg.sampling.n) == (0.1, 4, 2)
     # the command's own defaults (max_new_tokens 128, temperature 0.8); beam settings, --beams spelling
     assert cfg.max_new_tokens == 128 and cfg.sampling.temperature == 0.8
-    code, _, err = _in_process(
+    code, _, err = cli_in_process(
         capsys, "generate", "--model", tiny_checkpoint, "--prompt", "x", "--beams", "3", "--n", "2",
         "--length-penalty", "0.5", "--early-stopping", "never",
     )  # fmt: skip
     assert code == 0, err
     assert (seen[1].num_beams, seen[1].length_penalty, seen[1].early_stopping) == (3, 0.5, "never")
-    _in_process(capsys, "generate", "--model", tiny_checkpoint, "--prompt", "x", "--early-stopping", "true")
+    cli_in_process(
+        capsys, "generate", "--model", tiny_checkpoint, "--prompt", "x", "--early-stopping", "true"
+    )
     assert seen[2].early_stopping is True
 
 
@@ -183,7 +169,7 @@ def test_a_bad_setting_is_one_error_line_from_validate(capsys, tmp_path):
         (["--beams", "2", "--n", "3"], "error: invalid generation setting: n (3) must be <= num_beams (2)"),
         (["--context-overflow", "wrap"], "error: invalid generation setting: context_overflow"),
     ]:
-        code, _, err = _in_process(capsys, "generate", "--model", missing, "--prompt", "x", *args)
+        code, _, err = cli_in_process(capsys, "generate", "--model", missing, "--prompt", "x", *args)
         assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
 
 
@@ -191,7 +177,7 @@ def test_a_bad_setting_is_one_error_line_from_validate(capsys, tmp_path):
 def test_logprobs_and_stop_strings_in_the_output(tiny_checkpoint, capsys):
     args = ["generate", "--model", tiny_checkpoint, "--prompt", "def f", "--max-new-tokens", "6",
             "--temperature", "0", "--json"]  # fmt: skip
-    code, out, _ = _in_process(capsys, *args, "--logprobs", "2")
+    code, out, _ = cli_in_process(capsys, *args, "--logprobs", "2")
     assert code == 0
     comp = json.loads(out)["completions"][0]
     assert [t["token_id"] for t in comp["logprobs"]] == comp["token_ids"]
@@ -199,17 +185,17 @@ def test_logprobs_and_stop_strings_in_the_output(tiny_checkpoint, capsys):
     # two stop strings: the text is cut before the first of either
     full = comp["text"]
     a, b = full[1:3], full[4:5]
-    code, out, _ = _in_process(capsys, *args, "--stop", a, "--stop", b)
+    code, out, _ = cli_in_process(capsys, *args, "--stop", a, "--stop", b)
     cut = min(i for i in (full.find(a), full.find(b)) if i >= 0)
     assert code == 0 and json.loads(out)["completions"][0]["text"] == full[:cut]
-    code, _, err = _in_process(capsys, *args[:-1], "--logprobs", "2")
+    code, _, err = cli_in_process(capsys, *args[:-1], "--logprobs", "2")
     assert code == 2 and err.startswith("error: --logprobs") and "--json" in err
 
 
 def test_eval_scores_given_predictions_without_generation_options(capsys, tmp_path):
     preds = tmp_path / "preds.jsonl"
     preds.write_text(json.dumps({"prediction": "a cat", "reference": "a cat"}) + "\n", encoding="utf-8")
-    code, _, err = _in_process(capsys, "eval", "bleu", "--predictions", preds, "--temperature", "0.5")
+    code, _, err = cli_in_process(capsys, "eval", "bleu", "--predictions", preds, "--temperature", "0.5")
     assert code == 2 and err.startswith("error: --predictions are scored as given; drop --temperature")
-    code, out, err = _in_process(capsys, "eval", "bleu", "--predictions", preds)
+    code, out, err = cli_in_process(capsys, "eval", "bleu", "--predictions", preds)
     assert code == 0, err

@@ -71,29 +71,28 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def time_matmul(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 5) -> float:
-    """GFLOP/s of an (m, k) @ (k, n) CPU matmul in `dtype`: the best of `reps` timed runs after one warm-up."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=g).to(dtype)
-    b = torch.randn(k, n, generator=g).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * m * k * n / max(best, 1e-9) / 1e9
-
-
-def best_gflops(fn: Callable[[], object], flops: float, reps: int = 3) -> float:
-    """GFLOP/s of `fn` (work of `flops`): the best of `reps` timed calls after one warm-up."""
+def best_seconds(fn: Callable[[], object], reps: int = 3) -> float:
+    """Seconds of the fastest of `reps` timed calls of `fn` after one warm-up."""
     fn()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
-    return flops / max(best, 1e-9) / 1e9
+    return max(best, 1e-9)
+
+
+def time_matmul(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 5) -> float:
+    """GFLOP/s of an (m, k) @ (k, n) CPU matmul in `dtype`: the best of `reps` timed runs after one warm-up."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(k, n, generator=g).to(dtype)
+    return best_gflops(lambda: torch.mm(a, b), 2 * m * k * n, reps)
+
+
+def best_gflops(fn: Callable[[], object], flops: float, reps: int = 3) -> float:
+    """GFLOP/s of `fn` (work of `flops`): the best of `reps` timed calls after one warm-up."""
+    return flops / best_seconds(fn, reps) / 1e9
 
 
 def busy() -> bool:
@@ -174,13 +173,7 @@ def time_attention(b: int, h: int, t: int, d: int, upcast: bool, reps: int = 3) 
         y = torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True).to(torch.bfloat16)
         y.sum().backward()
 
-    run()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return 1.0 / max(best, 1e-9)
+    return 1.0 / best_seconds(run, reps)
 
 
 def attention_upcast(b: int, h: int, t: int, d: int, budget_s: float = 0.5) -> tuple[bool, str]:
