@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from yuyan.errors import UserError
-from yuyan.generate.sampling import SamplingParams
+from yuyan.generate.sampling import SamplingParams, bias_ids
 
 CONTEXT_OVERFLOW = ("truncate", "error")
 
@@ -35,6 +35,13 @@ class GenerationConfig:
     # > 0: greedy rows draft this many tokens per step with the model's int8 copy and keep those the model
     # agrees with (the same output, faster on CPU; generate/speculative.py)
     speculative: int = 0
+    # constrain the output to a grammar (generate/grammar.py): {"type": "json_object"},
+    # {"type": "json_schema", "schema": {...}}, {"type": "regex", "pattern": "..."} or
+    # {"type": "grammar", "grammar": "..."}; None: unconstrained
+    grammar: dict | None = None
+    # report each prompt token's logprob (the first has none) and this many top alternatives (vLLM's
+    # prompt_logprobs; what `echo` with `logprobs` needs); None: off
+    prompt_logprobs: int | None = None
 
     def validate(self) -> GenerationConfig:
         self.sampling.validate()
@@ -55,6 +62,14 @@ class GenerationConfig:
                 f"context_overflow must be truncate or error, got {self.context_overflow!r}",
             ),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+            (
+                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+                f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}",
+            ),
+            (
+                self.num_beams == 1 or not sp.logit_bias,
+                "beam search does not combine with logit_bias; drop it or use num_beams 1",
+            ),
             (0 <= self.speculative <= 16, f"speculative must be 0..16 draft tokens, got {self.speculative}"),
             (
                 isinstance(self.stop, list | tuple) and all(isinstance(s, str) and s for s in self.stop),
@@ -72,6 +87,7 @@ class GenerationConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"invalid generation setting: {msg}")
+        _check_grammar(self.grammar)
         return self
 
     @classmethod
@@ -87,7 +103,10 @@ class GenerationConfig:
         nested = d.get("sampling") or {}
         if isinstance(nested, SamplingParams):
             nested = {f.name: getattr(nested, f.name) for f in fields(SamplingParams)}
-        sampling = SamplingParams(**{**nested, **{k: v for k, v in d.items() if k in sampling_names}})
+        flat = {**nested, **{k: v for k, v in d.items() if k in sampling_names}}
+        if isinstance(flat.get("logit_bias"), dict):  # TOML and JSON keys are strings
+            flat["logit_bias"] = bias_ids(flat["logit_bias"])
+        sampling = SamplingParams(**flat)
         return cls(sampling=sampling, **{k: v for k, v in d.items() if k in own})
 
     def to_dict(self) -> dict:
@@ -101,6 +120,28 @@ class GenerationConfig:
         return replace(self, sampling=replace(self.sampling, **changes))
 
 
+GRAMMAR_KEYS = {"json_object": (), "json_schema": ("schema",), "regex": ("pattern",), "grammar": ("grammar",)}
+
+
+def _check_grammar(g: object) -> None:
+    """The shape of a grammar setting (whether its schema or pattern compiles is generate/grammar.py's)."""
+    if g is None:
+        return
+    kinds = ", ".join(sorted(GRAMMAR_KEYS))
+    if not isinstance(g, dict) or g.get("type") not in GRAMMAR_KEYS:
+        raise UserError(f"invalid generation setting: grammar must be a table with type one of {kinds}")
+    need = GRAMMAR_KEYS[g["type"]]
+    extra = set(g) - {"type", *need, "strict", "name"}
+    missing = [k for k in need if k not in g]
+    if missing or extra:
+        what = f"needs {missing}" if missing else f"has unknown keys {sorted(extra)}"
+        raise UserError(f"invalid generation setting: a {g['type']} grammar {what}")
+    value = g.get(need[0]) if need else None
+    want = dict if g["type"] == "json_schema" else str
+    if need and not (isinstance(value, want) and (value or want is dict)):
+        raise UserError(f"invalid generation setting: the grammar's {need[0]} must be a {want.__name__}")
+
+
 def _penalised(sp: SamplingParams) -> bool:
     return sp.repetition_penalty != 1 or sp.frequency_penalty != 0 or sp.presence_penalty != 0
 
@@ -111,6 +152,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]]  # (token id, text, logprob) of the most likely alternatives
+    rank: int | None = None  # 1 + how many tokens are likelier (prompt logprobs report it, as vLLM does)
 
 
 @dataclass
@@ -120,6 +162,8 @@ class Completion:
     finish_reason: str  # "stop" (stop token or string) | "length" (max_new_tokens or the context)
     logprobs: list[TokenLogprob] | None = None
     prompt_tokens: int = 0
+    # with prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 __all__ = ["GenerationConfig", "TokenLogprob", "Completion", "CONTEXT_OVERFLOW"]

@@ -78,6 +78,12 @@ def check_prompt(ids: list[int], config: GenerationConfig, block_size: int, voca
             f"prompt token id {bad} is outside the model's vocabulary of {vocab_size}; "
             "use the tokenizer that belongs to the model"
         )
+    bias = config.sampling.logit_bias or {}
+    if bias and max(bias) >= vocab_size:
+        raise UserError(
+            f"logit_bias names token {max(bias)}, outside the model's vocabulary of {vocab_size}; "
+            "use ids of the model's tokenizer"
+        )
     strict = config.context_overflow == "error"
     if len(ids) > block_size:
         if strict:
@@ -389,6 +395,7 @@ class Decoder:
                 [r.config.sampling for r in self.rows],
                 device=self.device,
                 generators=[r.generator for r in self.rows],
+                vocab_size=self.model.config.vocab_size,
             )
             if self._st.use_penalties:
                 self._penalty_state()

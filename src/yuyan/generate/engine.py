@@ -24,6 +24,7 @@ from yuyan.generate.beams import beam_search
 from yuyan.generate.config import Completion, GenerationConfig
 from yuyan.generate.core import WINDOW_KEEP, Decoder, Row, check_prompt, encode_prompt, model_device, stop_ids
 from yuyan.generate.kernels import decode_layout
+from yuyan.generate.scoring import prompt_logprobs
 from yuyan.model.transformer import Transformer
 from yuyan.tokenizer import Tokenizer
 
@@ -71,13 +72,20 @@ def generate(
     decode_layout(model.eval())
     ids = prepare_prompts(tokenizer, prompts, config, model.config.block_size, model.config.vocab_size)
     if config.num_beams > 1:
-        return _beams(model, tokenizer, ids, config)
-    if config.max_new_tokens == 0 or not ids:
-        return [[Completion("", [], "length", None, len(p))] * config.sampling.n for p in ids]
-    core, rows = decoder(model, tokenizer, ids, config)
-    for _ in _run(core):
-        pass
-    return [[r.completion() for r in rs] for rs in rows]
+        out = _beams(model, tokenizer, ids, config)
+    elif config.max_new_tokens == 0 or not ids:
+        out = [[Completion("", [], "length", None, len(p)) for _ in range(config.sampling.n)] for p in ids]
+    else:
+        core, rows = decoder(model, tokenizer, ids, config)
+        for _ in _run(core):
+            pass
+        out = [[r.completion() for r in rs] for rs in rows]
+    if config.prompt_logprobs is not None:
+        scores = prompt_logprobs(model, tokenizer, ids, [config.prompt_logprobs] * len(ids))
+        for comps, lp in zip(out, scores, strict=True):
+            for c in comps:
+                c.prompt_logprobs = lp
+    return out
 
 
 def _beams(model, tokenizer, ids: list[list[int]], config: GenerationConfig) -> list[list[Completion]]:

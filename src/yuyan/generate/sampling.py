@@ -4,7 +4,9 @@ Every processor takes logits (B, V) and per-row parameter tensors (B,), so one b
 hot rows, top-k rows and penalised rows (what the server's continuous-batching scheduler needs). A row whose
 setting is "off" (top_k 0, top_p 1, min_p 0, penalties neutral) passes through unchanged. The order follows
 Hugging Face's: penalties, temperature, top-k, top-p, min-p, then sample. Greedy rows (temperature 0) take
-`argmax` of the logits as given, so a default row is bit-identical to plain greedy decoding.
+`argmax` of the logits as given, so a default row is bit-identical to plain greedy decoding. A row's
+`logit_bias` (OpenAI's: token id -> a number in [-100, 100] added to its logit; -100 bans a token in
+practice, +100 forces it) comes first, before the penalties, for greedy rows too.
 `SamplingParams` is one request's settings; `stack_params` turns a list of them into `SamplingTensors`.
 """
 
@@ -30,6 +32,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once if the token occurred in the output
     seed: int | None = None  # reproducible sampling for this row
     n: int = 1  # samples per prompt (checked here; the engine expands them)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def validate(self) -> SamplingParams:
         checks = [
@@ -46,6 +49,7 @@ class SamplingParams:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"invalid sampling setting: {msg}")
+        self._check_bias()
         for name in (
             "temperature",
             "top_p",
@@ -59,9 +63,39 @@ class SamplingParams:
                 raise UserError(f"invalid sampling setting: {name} must be a finite number, got {v}")
         return self
 
+    def _check_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise UserError(
+                f"invalid sampling setting: logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers"
+            )
+        for k, v in bias.items():
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise UserError(
+                    f"invalid sampling setting: logit_bias key {k!r} is not a token id (an integer >= 0)"
+                )
+            if isinstance(v, bool) or not isinstance(v, int | float) or not -100 <= v <= 100:
+                raise UserError(
+                    f"invalid sampling setting: logit_bias of token {k} must be a number in [-100, 100], got {v!r}"
+                )
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (OpenAI documents none; vLLM bounds none)
+
+
+def bias_ids(bias: dict) -> dict[int, float]:
+    """A logit_bias from JSON or TOML, whose keys are strings of digits ("50256"), with integer keys; a key
+    that is not an integer is left as it is, for `validate` to name."""
+    out = {}
+    for k, v in bias.items():
+        out[int(k) if isinstance(k, str) and k.strip().isdigit() else k] = v
+    return out
 
 
 @dataclass
@@ -76,6 +110,7 @@ class SamplingTensors:
     frequency: torch.Tensor  # (B,) float
     presence: torch.Tensor  # (B,) float
     greedy: torch.Tensor  # (B,) bool
+    bias: torch.Tensor | None = None  # (B, V) the rows' logit_bias, dense; None when no row has one
     generators: list[torch.Generator | None] = field(default_factory=list)
     use_penalties: bool = False
     use_top_k: bool = False
@@ -103,7 +138,8 @@ class SamplingTensors:
             k: getattr(self, k)
             for k in ("use_penalties", "use_top_k", "use_top_p", "use_min_p", "all_greedy")
         }
-        return SamplingTensors(**t, generators=[self.generators[i] for i in index], **flags)
+        bias = None if self.bias is None else self.bias.index_select(0, idx)
+        return SamplingTensors(**t, bias=bias, generators=[self.generators[i] for i in index], **flags)
 
 
 def make_generator(seed: int | None, device: torch.device | str | None = None) -> torch.Generator | None:
@@ -118,11 +154,25 @@ def stack_params(
     params: list[SamplingParams],
     device: torch.device | str | None = None,
     generators: list[torch.Generator | None] | None = None,
+    vocab_size: int | None = None,
 ) -> SamplingTensors:
     """Stack per-request settings into per-row tensors. A row with a seed gets its own generator unless
-    `generators` is given (the engine passes them to give n samples of one prompt distinct streams)."""
+    `generators` is given (the engine passes them to give n samples of one prompt distinct streams).
+    `vocab_size` is needed when a row has a logit_bias (it becomes a dense (B, V) tensor)."""
     for p in params:
         p.validate()
+    bias = None
+    if any(p.logit_bias for p in params):
+        if vocab_size is None:
+            raise ValueError("stack_params needs vocab_size for rows with a logit_bias")
+        bias = torch.zeros(len(params), vocab_size, device=device)
+        for b, p in enumerate(params):
+            for tok, v in (p.logit_bias or {}).items():
+                if tok >= vocab_size:
+                    raise UserError(
+                        f"logit_bias names token {tok}, outside the model's vocabulary of {vocab_size}"
+                    )
+                bias[b, tok] = float(v)
 
     def f(name: str, dtype=torch.float32) -> torch.Tensor:
         return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
@@ -138,6 +188,7 @@ def stack_params(
         frequency=f("frequency_penalty"),
         presence=f("presence_penalty"),
         greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+        bias=bias,
         generators=list(generators),
         use_penalties=any(
             p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params
@@ -217,7 +268,9 @@ def process(
     counts: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """All processors in HF order; processors that no row uses are skipped."""
+    """logit_bias, then all processors in HF order; processors that no row uses are skipped."""
+    if st.bias is not None:
+        logits = logits + st.bias.to(logits.dtype)
     if st.use_penalties and counts is not None:
         logits = apply_penalties(logits, counts, st.repetition, st.frequency, st.presence, prompt_mask)
     if st.all_greedy:
@@ -271,6 +324,8 @@ __all__ = [
     "SamplingParams",
     "SamplingTensors",
     "stack_params",
+    "bias_ids",
+    "MAX_LOGIT_BIAS",
     "make_generator",
     "apply_penalties",
     "apply_temperature",

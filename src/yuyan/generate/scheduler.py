@@ -9,7 +9,10 @@ gives the same tokens alone or among many; stop ids, stop strings, logprobs, the
 streaming hold-back are the core's. Every sampled token is pushed to its request as a `Token` event (id,
 safe text piece, logprob, top alternatives); each finished choice sends `Finished`; a failure sends
 `Failed`. Consumers pass an `emit` callback (the server hands events to its event loop) or iterate the
-`Handle`. `submit` validates on the caller's thread, through the same checks `generate()` uses. The
+`Handle`. A request with `prompt_logprobs` is scored first (generate/scoring.py, every such request of a
+step in one batched pass) and gets one `Prompt` event before its tokens; with max_new_tokens 0 that is
+all it gets, besides its `Finished` events. `submit` validates on the caller's thread, through the same
+checks `generate()` uses. The
 scheduler knows nothing of HTTP.
 """
 
@@ -28,9 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from yuyan.errors import UserError
-from yuyan.generate.config import GenerationConfig
+from yuyan.generate.config import GenerationConfig, TokenLogprob
 from yuyan.generate.core import Decoder, Row, check_prompt
 from yuyan.generate.kernels import decode_layout
+from yuyan.generate.scoring import prompt_logprobs
 from yuyan.model.transformer import Transformer
 from yuyan.tokenizer import Tokenizer
 
@@ -61,6 +65,14 @@ class Token:
 
 
 @dataclass
+class Prompt:
+    """The prompt's own logprobs (one entry per prompt token, None for the first), before any Token."""
+
+    logprobs: list[TokenLogprob | None]
+    index: int = 0  # every choice of the request shares them
+
+
+@dataclass
 class Finished:
     index: int
     finish_reason: str  # "stop" | "length"
@@ -77,7 +89,7 @@ class Failed:
     shutdown: bool = False  # the scheduler is stopping
 
 
-Event = Token | Finished | Failed
+Event = Token | Prompt | Finished | Failed
 
 
 @dataclass
@@ -191,7 +203,10 @@ class Scheduler:
         this scheduler cannot do; returns the prompt ids to decode. Raises UserError (ContextLengthError)."""
         config.validate()
         checks = [
-            (config.max_new_tokens >= 1, f"max_tokens must be >= 1, got {config.max_new_tokens}"),
+            (
+                config.max_new_tokens >= 1 or config.prompt_logprobs is not None,
+                f"max_tokens must be >= 1 (0 only to score the prompt), got {config.max_new_tokens}",
+            ),
             (config.num_beams == 1, "beam search is not served; use num_beams 1"),
             (config.speculative == 0, "speculative decoding is not served; use speculative 0"),
             (
@@ -292,7 +307,9 @@ class Scheduler:
         core = self.core
         # 1. rows of cancelled requests leave the batch at once
         core.remove([r for r in core.rows if r.owner.cancelled])
-        # 2. the admitted requests are prefilled into the free rows
+        # 2. the admitted requests are scored when they ask for prompt logprobs, and prefilled into the free
+        # rows unless scoring was all they asked for
+        admitted = self._score(admitted)
         if admitted:
             core.admit([r.prompt for r in admitted], [r.config for r in admitted], admitted)
         if not core.rows:
@@ -306,6 +323,23 @@ class Scheduler:
         # 4. finished rows leave; the others decode their new token in one forward pass
         for row in core.advance():
             self._events(row)
+
+    def _score(self, admitted: list[_Request]) -> list[_Request]:
+        """Send the prompt logprobs of the requests that want them (one batched pass); finish those with
+        max_new_tokens 0. Returns the requests that go on to decode."""
+        scored = [r for r in admitted if r.config.prompt_logprobs is not None]
+        if not scored:
+            return admitted
+        lps = prompt_logprobs(
+            self.model, self.tokenizer, [r.prompt for r in scored], [r.config.prompt_logprobs for r in scored]
+        )
+        for req, lp in zip(scored, lps, strict=True):
+            _safe_emit(req, Prompt(lp))
+            if req.config.max_new_tokens == 0:
+                for j in range(req.config.sampling.n):
+                    _safe_emit(req, Finished(j, "length", "", len(req.prompt), 0))
+                req.done = True
+        return [r for r in admitted if not r.done]
 
     def _events(self, row: Row) -> None:
         """The Token events of what a row took this step, then Finished (or Failed) when it ended."""
@@ -378,6 +412,7 @@ __all__ = [
     "Scheduler",
     "Handle",
     "Token",
+    "Prompt",
     "Finished",
     "Failed",
     "QueueFull",
