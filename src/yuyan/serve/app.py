@@ -165,7 +165,7 @@ async def _answer(
     """Submit the prompts and answer: a stream of events, or the whole response once all are done."""
     job = Job(s.sched)  # made on the event loop, which its events are delivered to
     await s.off_loop(job.submit, prompts, gen, "messages" if chat else "prompt")  # checks every prompt
-    reply = protocol.reply_for(body, chat, prompts, gen, s.config.model_name)
+    reply = protocol.reply_for(body, chat, prompts, gen, s.config.model_name, s.prompts.tok)
     if body.stream:
         return protocol.streaming_response(job, reply)
     results = await protocol.collect(job, reply, request.is_disconnected)

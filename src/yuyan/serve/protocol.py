@@ -9,6 +9,10 @@ and to the rest of the context for chat. What remains here is the server's polic
 `max_tokens_limit`, `max_n`, the number of prompts); every generation setting is checked by the core when
 the job is submitted. Responses: a choice's index is `prompt index * n + choice index`; logprobs take
 OpenAI's two shapes (completions: parallel lists with text offsets; chat: one entry per token with bytes).
+`echo` puts the prompt's text before each choice's text and, with `logprobs`, its tokens' logprobs before
+the generated ones (the first token's is null); those come from the core's prompt scoring, which also
+answers vLLM's `prompt_logprobs` (per completions choice, or for the whole chat response).
+`response_format` becomes the core's grammar, `logit_bias` a sampling setting like the others.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from dataclasses import dataclass, field, fields
 from fastapi.responses import StreamingResponse
 
 from yuyan.errors import UserError
-from yuyan.generate.config import GenerationConfig
+from yuyan.generate.config import GenerationConfig, TokenLogprob
 from yuyan.generate.core import encode_prompt
 from yuyan.generate.sampling import SamplingParams
-from yuyan.generate.scheduler import Finished, Token
+from yuyan.generate.scheduler import Finished, Prompt, Token
 from yuyan.serve.config import ServeConfig
 from yuyan.serve.guards import ApiError
 from yuyan.serve.job import ClientGone, Job
@@ -85,10 +89,15 @@ def generation_config(
     max_new_tokens: int,
     logprobs: int | None,
     stop_token_ids: list[int] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> GenerationConfig:
-    """One request's settings: the sampling fields it gave, its stops and logprobs, and the context rule
-    of the server's OpenAI contract. Not validated here: `Scheduler.submit` does that."""
+    """One request's settings: the sampling fields it gave, its stops and logprobs, its grammar, and the
+    context rule of the server's OpenAI contract. Not validated here: `Scheduler.submit` does that."""
     given = {k: getattr(body, k) for k in SAMPLING_FIELDS if getattr(body, k) is not None}
+    try:
+        grammar = body.response_format.grammar() if body.response_format is not None else None
+    except ValueError as e:
+        raise ApiError(400, f"response_format: {e}", "response_format") from None
     return GenerationConfig.from_dict(
         {
             **given,
@@ -99,6 +108,8 @@ def generation_config(
             "logprobs": logprobs,
             "context_overflow": "error",
             "sliding_window": _sliding_window(body, config),
+            "grammar": grammar,
+            "prompt_logprobs": prompt_logprobs,
         }
     )
 
@@ -199,12 +210,33 @@ def completion_request(
     if not 1 <= len(prompts) <= MAX_PROMPTS:
         raise ApiError(400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", "prompt")
     _check_n(body.n or 1, len(prompts), config)
+    if body.best_of is not None and body.best_of not in (1, body.n or 1):
+        raise ApiError(
+            400,
+            f"best_of {body.best_of} > n is not served (ranking extra samples server-side); ask for "
+            "n samples with logprobs and rank them, or drop best_of",
+            "best_of",
+        )
+    if body.max_tokens == 0 and not body.echo and body.prompt_logprobs is None:
+        raise ApiError(
+            400, "max_tokens 0 generates nothing; use it with echo or prompt_logprobs", "max_tokens"
+        )
     ids = prompts_of.encode(prompts)
     default = COMPLETION_DEFAULT_MAX_TOKENS
     if not _sliding_window(body, config):  # a default that fits every prompt's context is never refused
         default = min(default, prompts_of.block_size - max(len(x) for x in ids))
     mt = _max_new_tokens(body.max_tokens, default, config)
-    return ids, generation_config(body, config, mt, body.logprobs)
+    return ids, generation_config(body, config, mt, body.logprobs, None, _prompt_scores(body, mt))
+
+
+def _prompt_scores(body: CompletionRequest, max_new_tokens: int) -> int | None:
+    """How many top alternatives the prompt's scoring needs (None: no scoring): echo's logprobs, vLLM's
+    prompt_logprobs, and 0 for an echo of max_tokens 0 (the core then only scores)."""
+    wants = [body.prompt_logprobs]
+    if body.echo:
+        wants.append(body.logprobs if body.logprobs is not None else (0 if max_new_tokens == 0 else None))
+    wants = [w for w in wants if w is not None]
+    return max(wants) if wants else None
 
 
 def chat_request(
@@ -224,7 +256,8 @@ def chat_request(
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     mt = _max_new_tokens(asked, prompts_of.block_size - len(ids), config)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return ids, generation_config(body, config, mt, logprobs, list(tok.chat_stop_ids) or None)
+    stops = list(tok.chat_stop_ids) or None
+    return ids, generation_config(body, config, mt, logprobs, stops, body.prompt_logprobs)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -238,6 +271,12 @@ class Reply:
     prompt_tokens: int  # all prompts together
     logprobs: int | None
     include_usage: bool = False  # streamed: a last chunk with usage
+    echo: list[str] | None = None  # completions with echo: each prompt's text, put before its choices' text
+    first: list[str] = field(default_factory=list)  # the text of each prompt's first token (echo logprobs)
+    echo_logprobs: bool = False  # the echo's logprobs come first in each choice's logprobs
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: this many alternatives per prompt token
+    scored: bool = False  # the core sends each prompt's logprobs (a Prompt event) before its tokens
+    scores: dict[int, list] = field(default_factory=dict)  # prompt index -> its logprobs, as they came
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -251,7 +290,13 @@ def reply_for(
     prompts: list[list[int]],
     config: GenerationConfig,
     model: str,
+    tok: Tokenizer | None = None,
 ) -> Reply:
+    echo = None
+    if not chat and getattr(body, "echo", False):  # a text prompt echoes as sent, ids as they decode
+        sent = _prompt_list(body.prompt)
+        echo = [p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(sent, prompts, strict=True)]
+        first = [tok.decode(ids[:1]) for ids in prompts]
     return Reply(
         chat=chat,
         model=model,
@@ -259,6 +304,11 @@ def reply_for(
         prompt_tokens=sum(len(p) for p in prompts),
         logprobs=config.logprobs,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        echo=echo,
+        first=first if echo is not None else [],
+        echo_logprobs=echo is not None and config.logprobs is not None,
+        prompt_logprobs=body.prompt_logprobs,
+        scored=config.prompt_logprobs is not None,
     )
 
 
@@ -283,19 +333,44 @@ def _usage(reply: Reply, completion_tokens: int) -> dict:
     }
 
 
-def completion_logprobs(tokens: list[Token], offset: int = 0) -> dict:
-    """Completions' logprobs: parallel lists, `text_offset` counted from `offset` in the choice's text."""
-    texts = [t.token for t in tokens]
+def completion_logprobs(
+    tokens: list[Token], offset: int = 0, prompt: list | None = None, first: str = "", k: int = 0
+) -> dict:
+    """Completions' logprobs: parallel lists, `text_offset` counted from `offset` in the choice's text;
+    an echoed prompt's entries first (`prompt`: the core's, None for the first token, whose text is
+    `first`; `k` alternatives each)."""
+    entries: list = []
+    if prompt:
+        entries = [(first, None, None)] + [
+            (e.token, e.logprob, {s: v for _, s, v in e.top[:k]}) for e in prompt[1:]
+        ]
+    entries += [(t.token, t.logprob, {s: lp for _, s, lp in (t.top or [])}) for t in tokens]
     offsets, at = [], offset
-    for s in texts:
+    for s, _, _ in entries:
         offsets.append(at)
         at += len(s)
     return {
-        "tokens": texts,
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{s: lp for _, s, lp in (t.top or [])} for t in tokens],
+        "tokens": [s for s, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [top for _, _, top in entries],
         "text_offset": offsets,
     }
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprob | None], k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} holding the token itself and its k likeliest alternatives."""
+    out: list[dict | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        d = {
+            str(a): {"logprob": v, "rank": r + 1, "decoded_token": s} for r, (a, s, v) in enumerate(e.top[:k])
+        }
+        d.setdefault(str(e.token_id), {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token})
+        out.append(d)
+    return out
 
 
 def chat_logprobs(tokens: list[Token]) -> dict:
@@ -315,12 +390,41 @@ def chat_logprobs(tokens: list[Token]) -> dict:
     }
 
 
-def _logprobs(reply: Reply, tokens: list[Token], offset: int = 0) -> dict | None:
+def _logprobs(reply: Reply, tokens: list[Token], offset: int = 0, pi: int | None = None) -> dict | None:
+    """A choice's logprobs; with `pi` (a completions choice of prompt pi) the echoed prompt's come first."""
     if reply.logprobs is None:
         return None
     if reply.chat:
         return chat_logprobs(tokens)
+    if pi is not None and reply.echo_logprobs:
+        return completion_logprobs(tokens, offset, reply.scores.get(pi), reply.first[pi], reply.logprobs)
     return completion_logprobs(tokens, offset)
+
+
+def _prompt_part(reply: Reply, pi: int) -> dict:
+    """vLLM's prompt_logprobs of prompt pi, when asked for."""
+    if reply.prompt_logprobs is None:
+        return {}
+    return {"prompt_logprobs": vllm_prompt_logprobs(reply.scores.get(pi, []), reply.prompt_logprobs)}
+
+
+def echo_chunks(reply: Reply, pi: int) -> list[dict]:
+    """The first streamed chunk of each choice of prompt pi: the echoed prompt (with its logprobs) and
+    vLLM's prompt_logprobs (a chat stream gets those once, in a chunk without choices)."""
+    if reply.chat:
+        return [{**_base(reply, chunk=True), "choices": [], **_prompt_part(reply, pi)}]
+    text = reply.echo[pi] if reply.echo is not None else ""
+    lp = _logprobs(reply, [], 0, pi) if reply.echo_logprobs else None
+    return [
+        {
+            **_base(reply, chunk=True),
+            "choices": [
+                {"index": pi * reply.n + j, "text": text, "logprobs": lp, "finish_reason": None}
+                | _prompt_part(reply, pi)
+            ],
+        }
+        for j in range(reply.n)
+    ]
 
 
 def token_chunk(reply: Reply, ci: int, ev: Token, offset: int) -> dict:
@@ -371,9 +475,19 @@ async def stream_chunks(job: Job, reply: Reply) -> AsyncIterator[dict]:
         yield chunk
     completion_tokens = 0
     offsets: dict[int, int] = {}  # characters streamed so far, per choice
+    echo = reply.echo or []
+    if echo and not reply.scored:  # nothing to wait for: the prompts' text comes first
+        for pi in range(len(echo)):
+            for chunk in echo_chunks(reply, pi):
+                yield chunk
+    offsets = {pi * reply.n + j: len(text) for pi, text in enumerate(echo) for j in range(reply.n)}
     async for pi, ev in job.events():
         ci = pi * reply.n + ev.index
-        if isinstance(ev, Token):
+        if isinstance(ev, Prompt):
+            reply.scores[pi] = ev.logprobs
+            for chunk in echo_chunks(reply, pi):
+                yield chunk
+        elif isinstance(ev, Token):
             if not ev.text and reply.logprobs is None:  # nothing to show yet (a held-back piece)
                 continue
             yield token_chunk(reply, ci, ev, offsets.get(ci, 0))
@@ -414,7 +528,9 @@ async def collect(
     try:
         async for pi, ev in job.events(disconnected):
             ci = pi * reply.n + ev.index
-            if isinstance(ev, Token):
+            if isinstance(ev, Prompt):
+                reply.scores[pi] = ev.logprobs
+            elif isinstance(ev, Token):
                 tokens.setdefault(ci, []).append(ev)
             elif isinstance(ev, Finished):
                 finished[ci] = ev
@@ -428,12 +544,18 @@ def response(reply: Reply, results: dict[int, tuple[Finished, list[Token]]]) -> 
     choices = []
     for ci in sorted(results):
         fin, toks = results[ci]
-        piece = {"message": {"role": "assistant", "content": fin.text}} if reply.chat else {"text": fin.text}
-        choices.append(
-            {"index": ci, **piece, "logprobs": _logprobs(reply, toks), "finish_reason": fin.finish_reason}
-        )
+        if reply.chat:
+            piece: dict = {"message": {"role": "assistant", "content": fin.text}}
+            lp = _logprobs(reply, toks)
+        else:
+            pi = ci // reply.n
+            piece = {"text": (reply.echo[pi] if reply.echo is not None else "") + fin.text}
+            piece |= _prompt_part(reply, pi)
+            lp = _logprobs(reply, toks, 0, pi)
+        choices.append({"index": ci, **piece, "logprobs": lp, "finish_reason": fin.finish_reason})
     completion_tokens = sum(fin.completion_tokens for fin, _ in results.values())
-    return {**_base(reply), "choices": choices, "usage": _usage(reply, completion_tokens)}
+    extra = _prompt_part(reply, 0) if reply.chat else {}
+    return {**_base(reply), "choices": choices, "usage": _usage(reply, completion_tokens), **extra}
 
 
 __all__ = [
@@ -444,6 +566,8 @@ __all__ = [
     "collect",
     "completion_logprobs",
     "completion_request",
+    "echo_chunks",
+    "vllm_prompt_logprobs",
     "longest_token_bytes",
     "Prompts",
     "finish_chunk",

@@ -2,15 +2,19 @@
 
 Types are strict (a string where a number belongs is a 400, not silently coerced), numbers must be finite,
 every list and string that reaches the engine has a bound, every string is text (a lone surrogate is a
-400 naming its field), and unknown fields are ignored (OpenAI clients
-send fields we do not use, such as `stream_options` extras). Field ranges follow OpenAI's documentation;
-`top_k`, `min_p`, `repetition_penalty` and `sliding_window` are extensions (as vLLM adds `top_k`).
+400 naming its field), and a field the server does not know is a 400 naming it: a field that would change
+the answer is never dropped without a word (OpenAI's `suffix`, `audio`, `reasoning_effort`, vLLM's
+`guided_json`...). The few fields that change nothing here are declared and documented as ignored (`user`,
+`metadata`, `store`, `service_tier`, `prompt_cache_key`, `safety_identifier`). Field ranges follow OpenAI's
+documentation; `top_k`, `min_p`, `repetition_penalty`, `prompt_logprobs` and `sliding_window` are
+extensions (as vLLM adds them).
 Responses are plain dicts built in protocol.py in OpenAI's shapes; the response models below only
 describe them in the OpenAPI schema.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -37,7 +41,7 @@ def _no_lone_surrogate(value: object) -> None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
     @field_validator("*")
     @classmethod
@@ -48,6 +52,35 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(max_length=64)
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON valid under a schema (always
+    enforced: the output is decoded under the schema's grammar whether `strict` is true or not)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self) -> dict | None:
+        """The `GenerationConfig.grammar` it asks for (None: unconstrained text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        if self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        schema = self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
+        return {"type": "json_schema", "schema": schema}
+
+
+MAX_SCHEMA_BYTES = 64 << 10  # a response_format schema (or a tool's parameters) as JSON
 
 
 class SamplingRequest(_Strict):
@@ -67,13 +100,51 @@ class SamplingRequest(_Strict):
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        max_length=1024,
+        description="token id (as a string) -> a number in [-100, 100] added to its logit before sampling",
+    )
+    response_format: ResponseFormat | None = None
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="vLLM extension: each prompt token's logprob and this many top alternatives, per choice",
+    )
+    # fields that change nothing in the answer: accepted and ignored
     user: str | None = Field(None, max_length=256)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    store: bool | None = None
+    service_tier: str | None = Field(None, max_length=32)
+    prompt_cache_key: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
     sliding_window: bool | None = Field(
         None,
         description="yuyan extension: generate past the model's context by dropping the oldest tokens, so "
         "prompt + max_tokens may exceed the context (default: the server's --sliding-window setting; off "
         "keeps OpenAI's contract, where such a request is refused with context_length_exceeded)",
     )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, value: dict | None) -> dict | None:
+        for k, v in (value or {}).items():
+            if not k.isdigit() or len(k) > 9:
+                raise ValueError(
+                    f'key {k!r} is not a token id; keys are token ids as strings, such as "50256"'
+                )
+            if not -100 <= v <= 100:
+                raise ValueError(f"the bias of token {k} is {v}; biases are in [-100, 100]")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _schema_size(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        schema = value.json_schema.schema_ if value is not None and value.json_schema is not None else None
+        if schema is not None and len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the json_schema is larger than {MAX_SCHEMA_BYTES} bytes of JSON")
+        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -85,6 +156,13 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(max_length=1_000_000)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
+    max_tokens: int | None = Field(None, ge=0, le=1_000_000)  # 0: with echo, only score the prompt
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        le=128,
+        description="accepted when it equals n (or 1): ranking extra samples is not served",
+    )
 
 
 class TextPart(_Strict):
