@@ -398,14 +398,15 @@ def test_padded_vocabulary_ids_are_never_chosen_and_never_vanish(tokenizer):
         model.lm_head.weight[:V] = 0.0  # every real id scores 0; the padding rows score higher at most steps
         model.lm_head.weight[V:] = torch.randn(16, model.config.d_model) * 10
     # (the end-of-text id, which would score like every real id, must not end the test early)
-    for sampling in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=3)):
+    greedy = SamplingParams(temperature=0.0)
+    for sampling, beams in ((greedy, 1), (SamplingParams(temperature=1.0, seed=3), 1), (greedy, 3)):
         ((c,),) = generate(
             model,
             tokenizer,
             ["def f(x):"],
-            GenerationConfig(max_new_tokens=12, sampling=sampling, stop_token_ids=[V - 1]),
+            GenerationConfig(max_new_tokens=12, sampling=sampling, stop_token_ids=[V - 1], num_beams=beams),
         )
-        assert len(c.token_ids) == 12 and max(c.token_ids) < V, c.token_ids
+        assert len(c.token_ids) == 12 and max(c.token_ids) < V, (beams, c.token_ids)
         assert c.text == tokenizer.decode(c.token_ids)
     with pytest.raises(UserError, match=f"token id {V}"):  # decoding an id the tokenizer lacks: an error
         tokenizer.decode([5, V, 7])

@@ -96,9 +96,15 @@ def _more(b: _Beams, hits: torch.Tensor, step: int, config: GenerationConfig) ->
 
 @torch.inference_mode()
 def beam_search(
-    model: nn.Module, prompts: list[list[int]], config: GenerationConfig, stop_ids: set[int]
+    model: nn.Module,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    stop_ids: set[int],
+    decodable: int | None = None,
 ) -> list[list[tuple[list[int], bool]]]:
-    """Returns per prompt the config.sampling.n best (token ids, ended by a stop id)."""
+    """Returns per prompt the config.sampling.n best (token ids, ended by a stop id). `decodable`: the
+    tokenizer's size when the model's vocabulary is padded past it (ids from there decode to nothing and
+    are never chosen, as in the decode core)."""
     block_size, dev = model.config.block_size, model_device(model)
     P, K, N = len(prompts), config.num_beams, config.max_new_tokens
     longest = max(len(p) for p in prompts)
@@ -116,6 +122,8 @@ def beam_search(
     offset = torch.arange(P, device=dev)[:, None] * K
     b = _start(P, K, N, dev)
     for step in range(N):
+        if decodable is not None:
+            logits[:, decodable:] = float("-inf")
         topk_lp, src, topk_seq, hits = _expand(b, logits, step, eos, keep)
         # the best num_beams continuations that did not stop keep running
         run_lp = topk_lp + hits.float() * NEG

@@ -91,7 +91,9 @@ def generate(
 def _beams(model, tokenizer, ids: list[list[int]], config: GenerationConfig) -> list[list[Completion]]:
     ends = stop_ids(tokenizer, config)
     out = []
-    for p, res in zip(ids, beam_search(model, ids, config, ends), strict=True):
+    n_tok = tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size
+    decodable = n_tok if n_tok < model.config.vocab_size else None
+    for p, res in zip(ids, beam_search(model, ids, config, ends, decodable), strict=True):
         comps = []
         for toks, ended in res:
             row = Row(p, tokenizer, config, ends)
