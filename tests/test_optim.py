@@ -174,3 +174,26 @@ def test_resume_with_another_optimizer_is_refused(tmp_path, first, then):
     shutil.rmtree(tmp_path / "final")
     with pytest.raises(UserError, match="resume with the same optimizer"):
         W.run(str(tmp_path), {**ov, "train.optimizer": then}, resume=True)
+
+
+def test_resume_applies_this_runs_optimizer_settings_and_says_so(tmp_path, capsys):
+    """A changed train.muon_lr (or weight decay) on resume takes effect, as a changed lr does through the
+    schedule, and the run names it; it used to be silently replaced by the checkpoint's."""
+    ov = {
+        "train.optimizer": "muon",
+        "train.max_steps": "6",
+        "checkpoint.every_steps": "3",
+        "eval.every": "0",
+        "dropout": "0",
+    }
+    W.run(str(tmp_path / "a"), ov)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for d in ("a", "b"):
+        shutil.rmtree(tmp_path / d / "final")
+        shutil.rmtree(tmp_path / d / "checkpoints" / "step-00000006")
+    W.run(str(tmp_path / "a"), ov, resume=True)
+    capsys.readouterr()
+    W.run(str(tmp_path / "b"), {**ov, "train.muon_lr": "0.05"}, resume=True)
+    assert "muon lr_scale" in capsys.readouterr().err
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("a", "b"))
+    assert not torch.equal(a["layers.0.self_attn.q_proj.weight"], b["layers.0.self_attn.q_proj.weight"])

@@ -132,13 +132,17 @@ def full_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: D
     return _named_optim_state(_inner(model), optimizer)
 
 
-def load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
+def load_optim_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo
+) -> list[str]:
+    """A saved optimizer state into `optimizer`; the moments are the checkpoint's, the hyperparameters
+    (betas, weight decay, Muon's lr scale...) this run's. Returns the hyperparameters that changed."""
     if info.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         set_optimizer_state_dict(model, optimizer, state, options=opts)
-        return
+        return []
     inner = _inner(model)
     sd = optimizer.state_dict()
     saved, now = (sorted({g.get("optimizer", "adamw") for g in s["param_groups"]}) for s in (state, sd))
@@ -154,9 +158,13 @@ def load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: 
             f"the optimizer state in the checkpoint lacks {missing[:4]}: it was saved for another model"
         )
     sd["state"] = {idx[n]: v for n, v in state["state"].items() if n in idx}
+    changed = []  # this run's settings apply (as its lr does, through the schedule); the caller says which
     for g_new, g_old in zip(sd["param_groups"], state["param_groups"], strict=False):
-        g_new.update({k: v for k, v in g_old.items() if k != "params"})
+        for k, v in g_old.items():
+            if k not in ("params", "lr") and k in g_new and g_new[k] != v:
+                changed.append(f"{g_new.get('optimizer', 'adamw')} {k} {v} -> {g_new[k]}")
     optimizer.load_state_dict(sd)
+    return changed
 
 
 def _inner(model: nn.Module) -> nn.Module:

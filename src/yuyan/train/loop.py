@@ -124,7 +124,7 @@ def fit(
     tstate, run_lock = _load_for_resume(out, resume, model, export, info.is_main, console)
     parts = _prepare_model(model, tc, info, tstate, console)
     data_gen = torch.Generator().manual_seed(tc.seed)
-    _restore_training_state(tstate, parts, data_gen, task, info)
+    _restore_training_state(tstate, parts, data_gen, task, info, console)
     files = _RunFiles(out, info.is_main, config_to_toml(cfg), tstate)
     state = _TrainState.start(tc, tstate)  # the run's clock starts here
     saver = _Checkpointer(out, cfg, parts, tokenizer, task, data_gen, info, export, meta)
@@ -705,11 +705,18 @@ def _load_for_resume(
 
 
 def _restore_training_state(
-    tstate: dict | None, parts: _TrainedModel, data_gen: torch.Generator, task: Task, info: D.DistInfo
+    tstate: dict | None,
+    parts: _TrainedModel,
+    data_gen: torch.Generator,
+    task: Task,
+    info: D.DistInfo,
+    console: Console,
 ) -> None:
     """A resumed run's optimizer, RNG (the data order) and task states; nothing on a fresh start."""
     if tstate is not None:
-        D.load_optim_state(parts.raw, parts.optimizer, tstate["optimizer"], info)
+        changed = D.load_optim_state(parts.raw, parts.optimizer, tstate["optimizer"], info)
+        if changed:
+            console.print(f"resume: this run's optimizer settings apply: {'; '.join(changed)}")
         _set_rng_state(tstate["rng"], data_gen)
         task.load_state_dict(tstate.get("task", {}))
 
