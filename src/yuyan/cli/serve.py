@@ -43,6 +43,8 @@ HELP = {
     "threads": "torch CPU threads for decoding (0: torch's default); 1 leaves cores for HTTP and measured "
     "fastest for small models on a busy 2-core machine (BENCHMARKS.md)",
     "dtype": "decode weights auto|fp32|bf16 (auto: bf16 where a timed decode step here says it pays)",
+    "prefix_cache_tokens": "keep the keys/values of shared prompt prefixes (system prompts, few-shot "
+    "headers) for this many tokens, LRU-evicted, so later requests skip recomputing them (0: off)",
     "sliding_window": "let requests generate past the context by dropping the oldest tokens (a request's "
     "sliding_window field overrides this; off keeps OpenAI's contract: prompt + max_tokens must fit)",
 }

@@ -4,8 +4,10 @@ decoding) drives this one batch of rows.
 `Decoder` owns a `KVCache` of `capacity` rows kept packed at the front (rows 0..B-1; a row that leaves is
 replaced by the last one) and, for every live row, the logits of its next token. It admits prompts
 (prefilled together, right-padded: junk written past a row's end is masked and later overwritten; a prompt
-with n > 1 is prefilled once and copied to its n rows), and `step()` does one round for every row: sample
-through `sampling.py` with each row's own settings and generator, record logprobs, apply stop ids and stop
+with n > 1 is prefilled once and copied to its n rows; with a `PrefixCache` a prompt starts from the cached
+keys/values of its longest known prefix and only the rest is computed, prefix.py), and `step()` does one
+round for every row: sample through `sampling.py` with each row's own settings and generator, record
+logprobs, apply stop ids and stop
 strings (`Row`), drop finished rows, slide the window of rows whose cache is full (their newest tokens are
 re-prefilled at positions 0.., right for learned and RoPE positions alike), and run the forward pass that
 gives the next logits. How that forward pass is run is the step strategy: one token per row (`forward`),
@@ -24,6 +26,7 @@ from torch import nn
 
 from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig, TokenLogprob
+from yuyan.generate.prefix import PrefixCache
 from yuyan.generate.rows import Row
 from yuyan.generate.sampling import (
     SamplingTensors,
@@ -142,11 +145,38 @@ def extend(model: nn.Module, cache: KVCache, seqs: list[list[int]]) -> torch.Ten
 
 
 @torch.inference_mode()
-def prefill(model: nn.Module, cache: KVCache, first: int, seqs: list[list[int]]) -> torch.Tensor:
-    """Write seqs into cache rows first.. from position 0; return the logits after each last token (R, V)."""
+def prefill(
+    model: nn.Module,
+    cache: KVCache,
+    first: int,
+    seqs: list[list[int]],
+    prefix: PrefixCache | None = None,
+) -> torch.Tensor:
+    """Write seqs into cache rows first.. from position 0; return the logits after each last token (R, V).
+
+    With a prefix cache, each row starts from the longest cached prefix of its prompt (copied in; never
+    the last token, whose logits are needed), only the rest is computed, and the prompts' full blocks
+    are stored for later prompts."""
     rows = cache.rows(first, first + len(seqs))
     rows.lengths.zero_()
-    return extend(model, rows, seqs)
+    if prefix is None:
+        return extend(model, rows, seqs)
+    prefix.bind(model, cache.k.dtype)
+    bs, chains = prefix.block_tokens, [prefix.lookup(s) for s in seqs]
+    while True:  # a row's right-padding starts after its cached part and must stay inside the cache
+        T = max(len(s) - bs * len(c) for s, c in zip(seqs, chains, strict=True))
+        over = [i for i, c in enumerate(chains) if c and bs * len(c) + T > rows.capacity]
+        if not over:
+            break
+        for i in over:  # shorter hits; terminates since hits only shrink
+            chains[i] = chains[i][: max(0, (rows.capacity - T) // bs)]
+    for i, (s, c) in enumerate(zip(seqs, chains, strict=True)):
+        prefix.load(c, rows.k[:, i], rows.v[:, i], len(s))
+        rows.lengths[i] = bs * len(c)
+    logits = extend(model, rows, [s[bs * len(c) :] for s, c in zip(seqs, chains, strict=True)])
+    for i, s in enumerate(seqs):
+        prefix.store(s, rows.k[:, i], rows.v[:, i])
+    return logits
 
 
 @torch.inference_mode()
@@ -219,8 +249,10 @@ class Decoder:
         max_rows: int,
         capacity: int | None = None,
         strategy: Forward | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole (prefix.py)
         self.block_size = model.config.block_size
         self.capacity = min(capacity or self.block_size, self.block_size)
         self.max_rows = max_rows
@@ -251,23 +283,25 @@ class Decoder:
         self, prompts: list[list[int]], configs: list[GenerationConfig], owners: list | None = None
     ) -> list[list[Row]]:
         """Prefill prompts (already through `check_prompt`) together into free rows, config.sampling.n rows
-        each; return each prompt's rows (choice 0..n-1)."""
+        each (reusing cached prefixes when the decoder has a prefix cache); return each prompt's rows
+        (choice 0..n-1)."""
         need = sum(c.sampling.n for c in configs)
         if need > self.free:
             raise UserError(f"{need} rows asked for but only {self.free} of {self.max_rows} are free")
         if max(len(p) for p in prompts) > self.capacity:
             raise UserError(f"a prompt is longer than this decoder's {self.capacity} positions")
         first = len(self.rows)
-        logits = prefill(self.model, self.cache, first, prompts)  # prompt p in row first + p
+        order, logits = self._prefill(first, prompts)  # row first + i holds prompt order[i]
+        at = {p: i for i, p in enumerate(order)}
         owners = owners or [None] * len(prompts)
         out = [[self._row(p, c, 0, o)] for p, c, o in zip(prompts, configs, owners, strict=True)]
-        source = list(range(len(prompts)))  # which prompt each new row copies
+        source = list(range(len(prompts)))  # which prefilled row (of logits) each new row copies
         for p, (ids, cfg, owner) in enumerate(zip(prompts, configs, owners, strict=True)):
             for j in range(1, cfg.sampling.n):  # the other choices copy the prefilled row
-                self.cache.copy_row(first + len(source), self.cache, first + p)
+                self.cache.copy_row(first + len(source), self.cache, first + at[p])
                 out[p].append(self._row(ids, cfg, j, owner))
-                source.append(p)
-        new_rows = [out[p][0] for p in range(len(prompts))] + [r for rs in out for r in rs[1:]]
+                source.append(at[p])
+        new_rows = [out[p][0] for p in order] + [r for rs in out for r in rs[1:]]
         self.rows.extend(new_rows)
         new_logits = (
             logits[torch.tensor(source, device=logits.device)] if len(source) > len(prompts) else logits
@@ -277,6 +311,34 @@ class Decoder:
         self.strategy.admitted(self, first, len(new_rows))
         self._changed()
         return out
+
+    def _prefill(self, first: int, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor]:
+        """Prefill prompts into rows first..; return which prompt each row holds and their logits (P, V).
+
+        With a prefix cache, prompts that would compute the same not-yet-cached block go in waves: the
+        first such prompt is prefilled (and stores its blocks) before the others look up, so a batch of
+        prompts sharing a system prompt computes it once. A prompt waits again only while its cached part
+        grew, so there are at most as many waves as prompts, and usually one or two."""
+        pc = self.prefix_cache
+        if pc is None:
+            return list(range(len(prompts))), prefill(self.model, self.cache, first, prompts)
+        pc.bind(self.model, self.cache.k.dtype)
+        order: list[int] = []
+        parts, pending, waited = [], list(range(len(prompts))), {}
+        while pending:
+            now, later, keys = [], [], set()
+            for p in pending:
+                held, key = pc.next_block(prompts[p])
+                if key is not None and key in keys and waited.get(p, -1) < held:
+                    later.append(p)
+                    waited[p] = held
+                else:
+                    now.append(p)
+                    keys.add(key)
+            parts.append(prefill(self.model, self.cache, first + len(order), [prompts[p] for p in now], pc))
+            order += now
+            pending = later
+        return order, torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _row(self, prompt: list[int], config: GenerationConfig, j: int, owner: object) -> Row:
         row = Row(prompt, self.tokenizer, config, stop_ids(self.tokenizer, config), j, owner)

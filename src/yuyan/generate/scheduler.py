@@ -34,6 +34,7 @@ from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig, TokenLogprob
 from yuyan.generate.core import Decoder, Row, check_prompt
 from yuyan.generate.kernels import decode_layout
+from yuyan.generate.prefix import PrefixCache
 from yuyan.generate.scoring import prompt_logprobs
 from yuyan.model.transformer import Transformer
 from yuyan.tokenizer import Tokenizer
@@ -150,6 +151,7 @@ class Scheduler:
             raise UserError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = decode_layout(model.eval())
         self.tokenizer = tokenizer
+        prefix_cache_tokens: int = 0,
         self.max_batch, self.max_queue = max_batch, max_queue
         self.block_size = model.config.block_size
         # torch's CPU threads (process-wide): small-batch decode is matrix-vector work that one core does
@@ -160,6 +162,10 @@ class Scheduler:
         self._calls: list[tuple[Callable, Future]] = []
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        # K/V of prompt prefixes shared between requests (generate/prefix.py); 0: off
+        if prefix_cache_tokens < 0:
+            raise UserError(f"prefix_cache_tokens must be >= 0 (0: off), got {prefix_cache_tokens}")
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._stopping = False
         self.core: Decoder | None = None
         self.steps = 0
@@ -258,7 +264,9 @@ class Scheduler:
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.core = Decoder(self.model, self.tokenizer, self.max_batch, self.block_size)
+        self.core = Decoder(
+            self.model, self.tokenizer, self.max_batch, self.block_size, prefix_cache=self.prefix_cache
+        )
         while True:
             with self._cv:
                 while not (self._stopping or self.core.rows or self._waiting or self._calls):
@@ -412,6 +420,7 @@ __all__ = [
     "Scheduler",
     "Handle",
     "Token",
+            "prefix_cache": self.prefix_cache.stats() if self.prefix_cache is not None else None,
     "Prompt",
     "Finished",
     "Failed",

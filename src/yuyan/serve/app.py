@@ -111,7 +111,12 @@ def create_app(
     config = (config or ServeConfig()).validate()
     check_finite_logits(lm, config.model_name)
     sched = scheduler or Scheduler(
-        lm.model, lm.tokenizer, max_batch=config.max_batch, max_queue=config.max_queue, threads=config.threads
+        lm.model,
+        lm.tokenizer,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        threads=config.threads,
+        prefix_cache_tokens=config.prefix_cache_tokens,
     )
     app = _api()
     prompts = protocol.Prompts.of(lm.tokenizer, sched.block_size)

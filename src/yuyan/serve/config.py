@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from yuyan.errors import UserError
+from yuyan.generate.prefix import BLOCK_TOKENS
 
 
 @dataclass
@@ -44,6 +45,11 @@ class ServeConfig:
     # the decode weights' number format: auto takes bf16 where a timed decode step on this machine says it
     # pays (yuyan.generate.kernels.decode_precision); fp32 | bf16 force it
     dtype: str = "auto"
+    # K/V of prompt prefixes kept between requests, in tokens (generate/prefix.py); 0: off. On by default:
+    # chat system prompts, few-shot headers and a harness's context sent once per choice are then computed
+    # once, and the bound keeps it small beside the decode cache (GPT-2 124M fp32: 288 MiB, a quarter of
+    # its 16 rows x 1024 positions)
+    prefix_cache_tokens: int = 4096
 
     def validate(self) -> ServeConfig:
         """Refuse settings that bound nothing (a UserError naming the option); returns self."""
@@ -61,6 +67,11 @@ class ServeConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0 or (self.max_tokens_limit is not None and self.max_tokens_limit < 1):
             raise UserError("--max-queue must be >= 0 and --max-tokens-limit >= 1")
+        if self.prefix_cache_tokens != 0 and self.prefix_cache_tokens < BLOCK_TOKENS:
+            raise UserError(
+                f"--prefix-cache-tokens must be 0 (off) or at least one block of {BLOCK_TOKENS} tokens, "
+                f"got {self.prefix_cache_tokens}"
+            )
         for name in ("header_timeout_s", "body_timeout_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
