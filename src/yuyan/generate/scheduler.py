@@ -146,26 +146,26 @@ class Scheduler:
         max_batch: int = 16,
         max_queue: int = 64,
         threads: int | None = None,
+        prefix_cache_tokens: int = 0,
     ):
         if max_batch < 1 or max_queue < 0:
             raise UserError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = decode_layout(model.eval())
         self.tokenizer = tokenizer
-        prefix_cache_tokens: int = 0,
         self.max_batch, self.max_queue = max_batch, max_queue
         self.block_size = model.config.block_size
         # torch's CPU threads (process-wide): small-batch decode is matrix-vector work that one core does
         # as fast as two, and spare cores keep the HTTP loop responsive; None leaves torch's setting
         self.threads = threads
+        # K/V of prompt prefixes shared between requests (generate/prefix.py); 0: off
+        if prefix_cache_tokens < 0:
+            raise UserError(f"prefix_cache_tokens must be >= 0 (0: off), got {prefix_cache_tokens}")
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._calls: list[tuple[Callable, Future]] = []
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
-        # K/V of prompt prefixes shared between requests (generate/prefix.py); 0: off
-        if prefix_cache_tokens < 0:
-            raise UserError(f"prefix_cache_tokens must be >= 0 (0: off), got {prefix_cache_tokens}")
-        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._stopping = False
         self.core: Decoder | None = None
         self.steps = 0
@@ -390,6 +390,7 @@ class Scheduler:
             "steps": self.steps,
             "tokens_generated": self.tokens_out,
             "running": self._thread is not None and self._thread.is_alive(),
+            "prefix_cache": self.prefix_cache.stats() if self.prefix_cache is not None else None,
         }
 
 
@@ -420,7 +421,6 @@ __all__ = [
     "Scheduler",
     "Handle",
     "Token",
-            "prefix_cache": self.prefix_cache.stats() if self.prefix_cache is not None else None,
     "Prompt",
     "Finished",
     "Failed",
