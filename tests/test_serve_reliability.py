@@ -278,3 +278,38 @@ def test_a_body_too_big_for_any_fitting_prompt_is_refused_unread(tokenizer):
         assert "request body holds more prompt" in err["message"]  # the body bound, not the prompt check
         r = httpx.post(base + "/v1/completions", json=COMPLETION, timeout=30)  # the server is fine
         assert r.status_code == 200
+
+
+def test_background_calls_take_a_bounded_share_of_the_decode_thread(tokenizer):
+    """Inspections and embeddings run on the scheduler thread as background calls: while a row decodes,
+    their time stays within BACKGROUND_SHARE of the decode time (plus the burst and one call), however
+    many wait; with no row decoding they run at once. Each call here holds the thread 30 ms."""
+    from yuyan.generate.config import GenerationConfig
+    from yuyan.generate.scheduler import BACKGROUND_BURST_S, BACKGROUND_SHARE, Scheduler
+
+    lm = tiny_lm(tokenizer)
+    spent = []
+
+    def call():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.03:
+            pass
+        spent.append((time.perf_counter() - t0, sched.active))
+        return len(spent)
+
+    with Scheduler(lm.model, tokenizer, max_batch=2, max_queue=64) as sched:
+        assert sched.run_exclusive(call, background=True).result(30) == 1  # idle: at once
+        cfg = GenerationConfig.from_dict({"max_new_tokens": 300, "temperature": 0, "sliding_window": True})
+        h = sched.submit(tokenizer.encode("def f(x):"), cfg)
+        events = iter(h)
+        next(events)  # decoding has begun
+        t_start, steps0 = time.perf_counter(), sched.steps
+        futs = [sched.run_exclusive(call, background=True) for _ in range(20)]
+        for _ in events:
+            pass
+        t_decode = time.perf_counter() - t_start
+        beside = sum(d for d, active in spent[1:] if active)
+        assert sched.steps - steps0 >= 100  # most of the decoding happened beside the waiting calls
+        bound = BACKGROUND_SHARE * (t_decode - beside) + BACKGROUND_BURST_S + 0.03
+        assert beside <= bound * 1.1, (beside, t_decode)
+        assert all(f.result(60) for f in futs)  # the rest ran once the row was done

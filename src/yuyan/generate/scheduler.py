@@ -41,6 +41,11 @@ from yuyan.tokenizer import Tokenizer
 
 log = logging.getLogger("yuyan.scheduler")
 SHUTDOWN = "the server is shutting down"
+# While rows decode, background calls (attention inspections, embeddings: forward passes that are nobody's
+# stream) get at most this share of the decode thread's time, so a stream's time per token grows at most
+# 1 + BACKGROUND_SHARE times however many of them wait; credit beyond BACKGROUND_BURST_S is not kept.
+BACKGROUND_SHARE = 0.5
+BACKGROUND_BURST_S = 0.1
 
 
 class QueueFull(Exception):
@@ -164,6 +169,8 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._calls: list[tuple[Callable, Future]] = []
+        self._background: deque[tuple[Callable, Future]] = deque()
+        self._credit = 0.0  # seconds of decode-thread time background calls may still take
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -188,7 +195,8 @@ class Scheduler:
             self._thread = None
         with self._cv:
             pending, self._waiting = list(self._waiting), deque()
-            calls, self._calls = self._calls, []
+            calls, self._calls = self._calls + list(self._background), []
+            self._background = deque()
         for r in pending:
             _safe_emit(r, Failed(SHUTDOWN, shutdown=True))
         for _, fut in calls:
@@ -246,15 +254,28 @@ class Scheduler:
             self._cv.notify_all()
         return Handle(req, self, q)
 
-    def run_exclusive(self, fn: Callable[[], object]) -> Future:
-        """Run fn() on the scheduler thread between two decode steps (e.g. an attention inspection)."""
+    def run_exclusive(self, fn: Callable[[], object], background: bool = False) -> Future:
+        """Run fn() on the scheduler thread between two decode steps. A `background` call (an attention
+        inspection, an embedding: a forward pass no stream waits for) runs when no row decodes, or when
+        its share of the thread's time allows (BACKGROUND_SHARE); at most max_queue of them wait, then
+        QueueFull. The thread's torch settings apply, so it never competes with decoding for the cores."""
         fut: Future = Future()
         with self._cv:
             if self._stopping or self._thread is None:
                 raise SchedulerClosed("the scheduler is not running")
-            self._calls.append((fn, fut))
+            if background and len(self._background) >= max(1, self.max_queue):
+                raise QueueFull(
+                    f"the server is busy ({len(self._background)} inspections wait); retry shortly"
+                )
+            (self._background if background else self._calls).append((fn, fut))
             self._cv.notify_all()
         return fut
+
+    def _background_due(self) -> list[tuple[Callable, Future]]:
+        """The next background call, when no row decodes or its time share allows one (lock held)."""
+        if self._background and (not self.core.rows or self._credit >= 0):
+            return [self._background.popleft()]
+        return []
 
     def _wake(self) -> None:
         with self._cv:
@@ -269,19 +290,28 @@ class Scheduler:
         )
         while True:
             with self._cv:
-                while not (self._stopping or self.core.rows or self._waiting or self._calls):
+                while not (
+                    self._stopping or self.core.rows or self._waiting or self._calls or self._background
+                ):
                     self._cv.wait()
                 if self._stopping:
                     break
                 calls, self._calls = self._calls, []
+                background = self._background_due()
                 admitted = self._take_waiting()
-            for fn, fut in calls:
-                try:
-                    fut.set_result(fn())
-                except Exception as e:  # the caller gets the exception through the future
-                    fut.set_exception(e)
+            _run_calls(calls)
+            if background:
+                t0 = time.perf_counter()
+                _run_calls(background)
+                if self.core.rows:
+                    self._credit -= time.perf_counter() - t0
+            t0 = time.perf_counter()
+            decoding = bool(self.core.rows or admitted)
             try:
                 self._iteration(admitted)
+                if decoding:
+                    spent = (time.perf_counter() - t0) * BACKGROUND_SHARE
+                    self._credit = min(self._credit + spent, BACKGROUND_BURST_S)
             except Exception:
                 log.exception("scheduler step failed; failing the active requests")
                 self._fail_all(admitted, Failed("internal error while generating"))
@@ -390,8 +420,17 @@ class Scheduler:
             "steps": self.steps,
             "tokens_generated": self.tokens_out,
             "running": self._thread is not None and self._thread.is_alive(),
+            "background_waiting": len(self._background),
             "prefix_cache": self.prefix_cache.stats() if self.prefix_cache is not None else None,
         }
+
+
+def _run_calls(calls: list[tuple[Callable, Future]]) -> None:
+    for fn, fut in calls:
+        try:
+            fut.set_result(fn())
+        except Exception as e:  # the caller gets the exception through the future
+            fut.set_exception(e)
 
 
 def _safe_emit(req: _Request, ev: Event) -> None:

@@ -262,19 +262,22 @@ async def inspect_attention(body: InspectRequest, request: Request):
     s = _server(request)
     protocol.check_model(body.model, s.config)
     keep = min(s.config.inspect_max_tokens, s.context)
-    return Response(await s.off_loop(_inspection, s, body.text, keep), media_type="application/json")
-
-
-def _inspection(s: Server, text: str, keep: int) -> bytes:
-    """The attention view as JSON bytes, made on the prepare thread: the forward pass beside the decode
-    loop rather than between its steps (it reads the weights only; 20 ms for the demo model's 128 tokens
-    stalled every stream), and the JSON (layers x heads x keep^2 integers) off the event loop."""
-    ids = s.prompts.last_tokens(text, keep)
+    ids = await s.off_loop(s.prompts.last_tokens, body.text, keep)
     if not ids:
         raise ApiError(400, "the text has no tokens; give some text", "text")
+    view = await asyncio.wrap_future(s.sched.run_exclusive(lambda: _attention(s, ids), background=True))
+    return Response(
+        await s.off_loop(attention_json, s.config.model_name, *view), media_type="application/json"
+    )
+
+
+def _attention(s: Server, ids: list[int]):
+    """The forward pass of an inspection, on the scheduler thread as a background call: between decode
+    steps, within its share of the thread's time (a forward pass beside the decode loop competed with it
+    for the cores: 4 inspecting clients made a stream's tokens 7x slower). Tokenising before and the JSON
+    (layers x heads x keep^2 integers) after run on the prepare thread."""
     with torch.inference_mode():
-        tokens, layers = attention_view(s.lm.model, s.lm.tokenizer, ids)
-    return attention_json(s.config.model_name, tokens, layers)
+        return attention_view(s.lm.model, s.lm.tokenizer, ids)
 
 
 @router.get("/", include_in_schema=False)
