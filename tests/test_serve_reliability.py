@@ -242,7 +242,9 @@ def test_oversized_prompts_are_refused_before_tokenising(tokenizer, monkeypatch)
         tail = real(tokenizer, [big[:90_000]])[0][-keep:]  # the whole text's last tokens
         assert r.status_code == 200 and "".join(r.json()["tokens"]) == tokenizer.decode(tail)
     batches = [(thread, n) for fn, thread, n in calls if fn == "encode_batch"]
-    assert [thread.startswith("yuyan-prepare") for thread, _ in batches] == [True, True]
+    # the completion's prompt is tokenised on the prepare thread, the inspection's text on the scheduler
+    # thread (a background call within its share of the decode thread's time): never on the event loop
+    assert [thread for thread, _ in batches] == ["yuyan-prepare_0", "yuyan-scheduler"]
     assert max(n for _, _, n in calls) < 10_000  # the attention view tokenised the text's end only
 
 

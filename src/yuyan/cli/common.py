@@ -123,6 +123,10 @@ HELP = {
     "context_overflow": "truncate: a prompt too long for the context loses its oldest tokens; error: refuse it",
     "sliding_window": "keep generating past the context by dropping the oldest tokens",
     "speculative": "greedy only: draft K tokens a step with an int8 copy (the same output, faster on CPU)",
+    "logit_bias": 'JSON {"token id": bias} added to those logits, -100 (ban) .. 100 (force)',
+    "grammar": 'constrain the output, JSON: {"type": "json_object"}, {"type": "json_schema", "schema": {..}},'
+    ' {"type": "regex", "pattern": ".."} or {"type": "grammar", "grammar": "<EBNF>"}',
+    "prompt_logprobs": "--json: each prompt token's logprob and this many top alternatives",
 }
 # spellings kept beside the derived name because scripts and README use them
 ALIASES = {"num_beams": ("--beams",)}

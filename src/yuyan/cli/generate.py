@@ -71,8 +71,10 @@ def generate_cmd(
 
     if stream and as_json:
         raise UserError("--stream prints one prompt's text: drop --json, or --stream for JSON lines")
-    if gen.logprobs is not None and not as_json:
-        raise UserError("--logprobs are written in the --json output: add --json (without --stream)")
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(gen, name) is not None and not as_json:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} are written in the --json output: add --json (without --stream)")
     prompts = _read_prompts(prompt, prompts_file)
     if stream and len(prompts) != 1:
         raise UserError("--stream prints one prompt's text: give a single prompt")
@@ -97,13 +99,18 @@ def generate_cmd(
                 print("-" * 40)
 
 
+def _logprob(t) -> dict | None:
+    if t is None:  # the first prompt token: nothing predicts it
+        return None
+    return {"token_id": t.token_id, "token": t.token, "logprob": t.logprob, "top": [list(x) for x in t.top]}
+
+
 def _record(c: Completion) -> dict:
     rec = {"text": c.text, "finish_reason": c.finish_reason, "token_ids": c.token_ids}
     if c.logprobs is not None:
-        rec["logprobs"] = [
-            {"token_id": t.token_id, "token": t.token, "logprob": t.logprob, "top": [list(x) for x in t.top]}
-            for t in c.logprobs
-        ]
+        rec["logprobs"] = [_logprob(t) for t in c.logprobs]
+    if c.prompt_logprobs is not None:
+        rec["prompt_logprobs"] = [_logprob(t) for t in c.prompt_logprobs]
     return rec
 
 

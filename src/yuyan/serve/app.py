@@ -262,22 +262,21 @@ async def inspect_attention(body: InspectRequest, request: Request):
     s = _server(request)
     protocol.check_model(body.model, s.config)
     keep = min(s.config.inspect_max_tokens, s.context)
-    ids = await s.off_loop(s.prompts.last_tokens, body.text, keep)
+    work = s.sched.run_exclusive(lambda: _inspection(s, body.text, keep), background=True)
+    return Response(await asyncio.wrap_future(work), media_type="application/json")
+
+
+def _inspection(s: Server, text: str, keep: int) -> bytes:
+    """The attention view as JSON bytes, made on the scheduler thread as a background call: between decode
+    steps, within its share of the thread's time, tokenising (only the text's end), the forward pass and
+    the JSON (layers x heads x keep^2 integers) alike. On the prepare thread, beside decoding, they took
+    the cores and the GIL from it: 4 inspecting clients made a stream's tokens 7x slower."""
+    ids = s.prompts.last_tokens(text, keep)
     if not ids:
         raise ApiError(400, "the text has no tokens; give some text", "text")
-    view = await asyncio.wrap_future(s.sched.run_exclusive(lambda: _attention(s, ids), background=True))
-    return Response(
-        await s.off_loop(attention_json, s.config.model_name, *view), media_type="application/json"
-    )
-
-
-def _attention(s: Server, ids: list[int]):
-    """The forward pass of an inspection, on the scheduler thread as a background call: between decode
-    steps, within its share of the thread's time (a forward pass beside the decode loop competed with it
-    for the cores: 4 inspecting clients made a stream's tokens 7x slower). Tokenising before and the JSON
-    (layers x heads x keep^2 integers) after run on the prepare thread."""
     with torch.inference_mode():
-        return attention_view(s.lm.model, s.lm.tokenizer, ids)
+        tokens, layers = attention_view(s.lm.model, s.lm.tokenizer, ids)
+    return attention_json(s.config.model_name, tokens, layers)
 
 
 @router.get("/", include_in_schema=False)
