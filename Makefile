@@ -40,6 +40,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
 	for b in benchmarks/*.py; do $(BIN)/python $$b; done
 
 clean:

@@ -6,6 +6,18 @@ or --model DIR) and, for each concurrency level, runs that many client threads, 
 finished requests / wall time; TTFT = time from sending to the first streamed text. The reference is one
 client (no batching possible); the ratio is 16 clients' throughput over it (goal: >= 4x, continuous
 batching). Prints one JSON line.
+
+`--mode prefix` measures prefix caching instead: 16 clients send at once a completion (max_tokens 1, greedy,
+token-id prompts) sharing a --prefix-tokens prefix with 8 tokens of their own, first to a server started with
+`--prefix-cache-tokens 0`, then to one with the cache on (each warmed with an unrelated prompt first). The
+figures are the mean and last time to first token (a 1-token completion's latency) of the 16; the ratio is
+uncached over cached mean (goal: >= 3x); the 16 tokens and logprobs must agree.
+
+`--mode structured` measures structured output's cost: one streamed completion (batch 1) of --max-tokens
+under a JSON Schema `response_format` against the same request without it; the overhead is the per-token
+time's relative increase (goal: <= 10% of a decode step).
+
+    .venv/bin/python benchmarks/serve.py [--mode throughput|prefix|structured] [--model DIR]
 """
 
 from __future__ import annotations
@@ -80,8 +92,151 @@ def run_level(
     }
 
 
+def prefix_round(base: str, model: str, prompts: list[list[int]]) -> tuple[list[float], list[tuple]]:
+    """Send every prompt at once (max_tokens 1, greedy); each one's latency and (token, logprob)."""
+    times: list[float] = [0.0] * len(prompts)
+    got: list[tuple] = [()] * len(prompts)
+    errors: list[str] = []
+
+    def one(i: int) -> None:
+        body = {"model": model, "prompt": prompts[i], "max_tokens": 1, "temperature": 0, "logprobs": 1}
+        t0 = time.perf_counter()
+        r = httpx.post(base + "/v1/completions", json=body, timeout=600)
+        times[i] = time.perf_counter() - t0
+        if r.status_code != 200:
+            errors.append(f"the server answered {r.status_code}: {r.text[:300]}")
+            return
+        lp = r.json()["choices"][0]["logprobs"]
+        got[i] = (lp["tokens"][0], lp["token_logprobs"][0])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(errors[0])
+    return times, got
+
+
+def prefix_mode(args, model_dir: Path) -> dict:
+    import random
+
+    rng = random.Random(0)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    shared = [rng.randrange(vocab) for _ in range(args.prefix_tokens)]
+    prompts = [shared + [rng.randrange(vocab) for _ in range(8)] for _ in range(args.clients)]
+    warm = [[rng.randrange(vocab) for _ in range(24)]]
+    out = {}
+    for label, tokens in (("uncached", "0"), ("cached", str(args.prefix_cache_tokens))):
+        port = free_port()
+        proc = start_server(
+            model_dir, port, "--max-batch", "16", "--dtype", args.dtype, "--prefix-cache-tokens", tokens
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            name = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+            prefix_round(base, name, warm)
+            times, got = prefix_round(base, name, prompts)
+            cache = httpx.get(base + "/health", timeout=10).json()["prefix_cache"]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        out[label] = {
+            "ttft_mean_s": round(sum(times) / len(times), 3),
+            "ttft_last_s": round(max(times), 3),
+            "prefix_cache": cache,
+            "got": got,
+        }
+    a, b = out["uncached"].pop("got"), out["cached"].pop("got")
+    return {
+        "bench": "serve-prefix",
+        "model": args.model or f"random {args.preset} preset",
+        "dtype": args.dtype,
+        "clients": args.clients,
+        "prefix_tokens": args.prefix_tokens,
+        **out,
+        "same_tokens": [t for t, _ in a] == [t for t, _ in b],
+        "max_abs_logprob_diff": max(abs(x[1] - y[1]) for x, y in zip(a, b, strict=True)),
+        "ratio": round(out["uncached"]["ttft_mean_s"] / out["cached"]["ttft_mean_s"], 2),
+    }
+
+
+def stream_rate(base: str, body: dict) -> tuple[float, int]:
+    """(seconds per output token after the first, tokens) of one streamed completion."""
+    first = last = None
+    tokens = 0
+    with httpx.stream(
+        "POST",
+        base + "/v1/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        timeout=600,
+    ) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj["choices"] and obj["choices"][0]["text"]:
+                last = time.perf_counter()
+                first = first or last
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+    return (last - first) / max(1, tokens - 1), tokens
+
+
+def structured_mode(args, model_dir: Path) -> dict:
+    """Per-token time of one streamed completion (batch 1) with and without a JSON Schema grammar. The
+    schema is a string of at least 4000 characters, so neither run ends before max_tokens; the end of
+    text is banned (logit_bias) in both. Runs alternate; each figure is the best of --repeats."""
+    port = free_port()
+    proc = start_server(model_dir, port, "--max-batch", "16", "--dtype", args.dtype)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        name = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+        eot = httpx.post(base + "/tokenize", json={"model": name, "prompt": "<|endoftext|>"}, timeout=10)
+        eot_id = eot.json()["tokens"][0] if eot.status_code == 200 else 0
+        body = {
+            "model": name,
+            "prompt": "The answer:",
+            "max_tokens": args.max_tokens,
+            "temperature": 1.0,
+            "seed": 0,
+            "logit_bias": {str(eot_id): -100},
+        }
+        fmt = {
+            "type": "json_schema",
+            "json_schema": {"name": "s", "schema": {"type": "string", "minLength": 4000}},
+        }
+        best = {"plain": float("inf"), "json_schema": float("inf")}
+        counts = {}
+        stream_rate(base, {**body, "max_tokens": 8})  # warm-up
+        for _ in range(args.repeats):
+            for label, extra in (("plain", {}), ("json_schema", {"response_format": fmt})):
+                t, n = stream_rate(base, {**body, **extra})
+                best[label] = min(best[label], t)
+                counts[label] = n
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {
+        "bench": "serve-structured",
+        "model": args.model or f"random {args.preset} preset",
+        "dtype": args.dtype,
+        "tokens": counts,
+        "plain_ms_per_token": round(1000 * best["plain"], 3),
+        "json_schema_ms_per_token": round(1000 * best["json_schema"], 3),
+        "overhead": round(best["json_schema"] / best["plain"] - 1, 4),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=["throughput", "prefix", "structured"], default="throughput")
+    ap.add_argument("--repeats", type=int, default=3, help="structured mode: runs of each kind")
+    ap.add_argument("--clients", type=int, default=16, help="prefix mode: requests sent at once")
+    ap.add_argument("--prefix-tokens", type=int, default=512, help="prefix mode: the shared prefix")
+    ap.add_argument("--prefix-cache-tokens", type=int, default=4096, help="prefix mode: the cached server's")
+    ap.add_argument("--dtype", default="fp32", help="prefix mode: the servers' --dtype")
     ap.add_argument("--model", help="checkpoint folder (default: a random demo-preset model)")
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--seconds", type=float, default=20)
@@ -91,6 +246,12 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else _make_model(Path(tmp), args.preset)
+        if args.mode == "prefix":
+            print(json.dumps(prefix_mode(args, model_dir)))
+            return
+        if args.mode == "structured":
+            print(json.dumps(structured_mode(args, model_dir)))
+            return
         port = free_port()
         proc = start_server(model_dir, port, "--max-batch", "16")
         base = f"http://127.0.0.1:{port}"

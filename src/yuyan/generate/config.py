@@ -70,6 +70,10 @@ class GenerationConfig:
                 self.num_beams == 1 or not sp.logit_bias,
                 "beam search does not combine with logit_bias; drop it or use num_beams 1",
             ),
+            (
+                self.num_beams == 1 or self.grammar is None,
+                "beam search does not combine with a grammar; drop it or use num_beams 1",
+            ),
             (0 <= self.speculative <= 16, f"speculative must be 0..16 draft tokens, got {self.speculative}"),
             (
                 isinstance(self.stop, list | tuple) and all(isinstance(s, str) and s for s in self.stop),

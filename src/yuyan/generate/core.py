@@ -26,6 +26,7 @@ from torch import nn
 
 from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig, TokenLogprob
+from yuyan.generate.grammar import Constraint, allowed, compile_grammar, fill_masks
 from yuyan.generate.prefix import PrefixCache
 from yuyan.generate.rows import Row
 from yuyan.generate.sampling import (
@@ -341,7 +342,15 @@ class Decoder:
         return order, torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _row(self, prompt: list[int], config: GenerationConfig, j: int, owner: object) -> Row:
-        row = Row(prompt, self.tokenizer, config, stop_ids(self.tokenizer, config), j, owner)
+        stops = stop_ids(self.tokenizer, config)
+        if config.grammar is not None:  # a complete grammar allows only the end of text: it must stop the row
+            V = self.model.config.vocab_size
+            text = compile_grammar(self.tokenizer, config.grammar, V)
+            if self.tokenizer.eot_id is not None:
+                stops = stops | {self.tokenizer.eot_id}
+        row = Row(prompt, self.tokenizer, config, stops, j, owner)
+        if config.grammar is not None:
+            row.constraint = Constraint(self.tokenizer, text, V)
         seed = config.sampling.seed
         row.generator = make_generator(None if seed is None else seed + j, self.device)
         return row
@@ -394,9 +403,10 @@ class Decoder:
         if self._decodable is not None:
             logits[:, self._decodable :] = float("-inf")
         logits = self._fail_nonfinite(logits)
-        proc = process(logits, st, self._counts, self._prompt_mask)
+        masked = self._constrain(logits)  # grammar rows: tokens their grammar does not allow are -inf
+        proc = process(masked, st, self._counts, self._prompt_mask)
         if proc is not logits:
-            proc = self._fail_overflowed(logits, proc)
+            proc = self._fail_overflowed(masked, proc)
         tokens = sample(proc, st.greedy, st.generators)  # (B,)
         if self._counts is not None:
             self._counts.scatter_add_(1, tokens[:, None], torch.ones(B, 1, device=self.device))
@@ -406,6 +416,25 @@ class Decoder:
             row.take(tok, self.capacity, lp)
         self.tokens = tokens
         return list(self.rows)
+
+    def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of the logits with each grammar row's disallowed tokens at -inf (the masks computed in
+        one call for all of them); the logits themselves stay the model's, for logprobs. A grammar in an
+        error state fails its row."""
+        idx = [i for i, r in enumerate(self.rows) if r.constraint is not None and r.finish is None]
+        if not idx:
+            return logits
+        cons = [self.rows[i].constraint for i in idx]
+        V = logits.shape[-1]
+        bitmask = torch.zeros(len(idx), (V + 31) // 32, dtype=torch.int32)
+        fill_masks(cons, bitmask)
+        for i, c in zip(idx, cons, strict=True):
+            if c.error is not None:
+                self.rows[i].error, self.rows[i].finish = f"the grammar failed: {c.error}", "error"
+        at = torch.tensor(idx, device=logits.device)
+        out = logits.clone()
+        out[at] = logits[at].masked_fill(~allowed(bitmask, V).to(logits.device), float("-inf"))
+        return out
 
     def _fail_nonfinite(self, logits: torch.Tensor) -> torch.Tensor:
         """A row whose raw logits hold a nan or +inf (or nothing above -inf) fails as the model's fault, not

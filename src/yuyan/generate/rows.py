@@ -46,6 +46,7 @@ class Row:
         self.cut = False  # a stop string ended the text
         self.logprobs: list[TokenLogprob] = []
         self.new: list[int] = []  # tokens taken in the current step (the core clears it)
+        self.constraint = None  # its grammar state (generate/grammar.py Constraint) when config.grammar
 
     def take(self, tok: int, capacity: int, logprob: TokenLogprob | None = None) -> None:
         """Record one generated token of a live row: a stop id ends it, any other token adds its text and
@@ -63,6 +64,10 @@ class Row:
             self._add_text(self.decoder.push(tok))
         if logprob is not None:
             self.logprobs.append(logprob)
+        if self.constraint is not None:
+            self.constraint.take(tok)
+            if self.constraint.stopped and self.finish is None:  # complete: it allows nothing more
+                self.finish = "stop"
         if self.finish is None and (
             len(self.generated) >= self.config.max_new_tokens
             or (not self.config.sliding_window and len(self.tokens) - self.start > capacity)

@@ -33,6 +33,7 @@ import torch
 from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig, TokenLogprob
 from yuyan.generate.core import Decoder, Row, check_prompt
+from yuyan.generate.grammar import compile_grammar
 from yuyan.generate.kernels import decode_layout
 from yuyan.generate.prefix import PrefixCache
 from yuyan.generate.scoring import prompt_logprobs
@@ -232,6 +233,8 @@ class Scheduler:
             if not ok:
                 raise UserError(msg)
         V = self.model.config.vocab_size
+        if config.grammar is not None:  # a bad schema or regex is the request's error, before it queues
+            compile_grammar(self.tokenizer, config.grammar, V)
         return check_prompt([int(t) for t in prompt], config, self.block_size, V)
 
     def submit(

@@ -69,6 +69,8 @@ def usable(model: Transformer, prompts: list[list[int]], config: GenerationConfi
         and cache_dtype(model) == torch.float32
         and (config.num_beams, sp.n, sp.temperature, config.logprobs) == (1, 1, 0, None)
         and (sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty) == (1.0, 0.0, 0.0)
+        and not sp.logit_bias  # the verifier compares raw argmaxes: biased or constrained rows decode
+        and config.grammar is None  # normally
         and max(len(p) for p in prompts) + config.max_new_tokens + config.speculative + 1
         <= model.config.block_size
     )
