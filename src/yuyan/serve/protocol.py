@@ -12,7 +12,10 @@ OpenAI's two shapes (completions: parallel lists with text offsets; chat: one en
 `echo` puts the prompt's text before each choice's text and, with `logprobs`, its tokens' logprobs before
 the generated ones (the first token's is null); those come from the core's prompt scoring, which also
 answers vLLM's `prompt_logprobs` (per completions choice, or for the whole chat response).
-`response_format` becomes the core's grammar, `logit_bias` a sampling setting like the others.
+`response_format` becomes the core's grammar, `logit_bias` a sampling setting like the others. Chat `tools`
+render into the system turn (apps/tools.py); a required or named `tool_choice` becomes the grammar of one
+call, and a reply's calls are parsed out of its text into `tool_calls` (streamed replies with tools are
+held until they end, then sent whole, since only then can a call be told from text).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field, fields
 
 from fastapi.responses import StreamingResponse
 
+from yuyan.apps import tools
 from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig, TokenLogprob
 from yuyan.generate.core import encode_prompt
@@ -90,12 +94,15 @@ def generation_config(
     logprobs: int | None,
     stop_token_ids: list[int] | None = None,
     prompt_logprobs: int | None = None,
+    grammar: dict | None = None,
 ) -> GenerationConfig:
-    """One request's settings: the sampling fields it gave, its stops and logprobs, its grammar, and the
-    context rule of the server's OpenAI contract. Not validated here: `Scheduler.submit` does that."""
+    """One request's settings: the sampling fields it gave, its stops and logprobs, its grammar (`grammar`,
+    a tool call's, else its response_format's), and the context rule of the server's OpenAI contract. Not
+    validated here: `Scheduler.submit` does that."""
     given = {k: getattr(body, k) for k in SAMPLING_FIELDS if getattr(body, k) is not None}
     try:
-        grammar = body.response_format.grammar() if body.response_format is not None else None
+        if grammar is None and body.response_format is not None:
+            grammar = body.response_format.grammar()
     except ValueError as e:
         raise ApiError(400, f"response_format: {e}", "response_format") from None
     return GenerationConfig.from_dict(
@@ -247,9 +254,7 @@ def chat_request(
     _check_n(body.n or 1, 1, config)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-    ]
+    messages = chat_messages(body)
     prompts_of.check_text("messages", [m["content"] for m in messages])
     tok = prompts_of.tok
     ids, _ = tok.apply_chat_template(messages, add_generation_prompt=True)
@@ -257,7 +262,68 @@ def chat_request(
     mt = _max_new_tokens(asked, prompts_of.block_size - len(ids), config)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     stops = list(tok.chat_stop_ids) or None
-    return ids, generation_config(body, config, mt, logprobs, stops, body.prompt_logprobs)
+    grammar = _call_grammar(body)
+    return ids, generation_config(body, config, mt, logprobs, stops, body.prompt_logprobs, grammar)
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """The conversation as the chat template's messages: developer turns as system ones, the tools (unless
+    tool_choice is "none") in the system turn, earlier tool calls and tool results as text (apps/tools.py)."""
+    out = []
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}]"
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"{where} has no content", f"{where}.content")
+        if m.tool_calls is not None and m.role != "assistant":
+            raise ApiError(400, f"{where}: only assistant turns carry tool_calls", f"{where}.tool_calls")
+        if m.tool_call_id is not None and m.role != "tool":
+            raise ApiError(400, f"{where}: only tool turns carry tool_call_id", f"{where}.tool_call_id")
+        calls = []
+        for j, c in enumerate(m.tool_calls or []):
+            try:
+                args = json.loads(c.function.arguments)
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                param = f"{where}.tool_calls[{j}].function.arguments"
+                raise ApiError(400, f"{param} must be a JSON object as text", param)
+            calls.append({"name": c.function.name, "arguments": args})
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": m.text(), "tool_calls": calls})
+    return tools.render(out, _offered_tools(body))
+
+
+def _offered_tools(body: ChatCompletionRequest) -> list[dict] | None:
+    if body.tool_choice is not None and not body.tools:
+        raise ApiError(400, "tool_choice needs tools: give tools or drop tool_choice", "tool_choice")
+    if not body.tools or body.tool_choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in body.tools]
+
+
+def _call_grammar(body: ChatCompletionRequest) -> dict | None:
+    """The grammar of a required or named tool call (None: the reply is free, its calls parsed after)."""
+    choice = body.tool_choice
+    if not body.tools or choice in (None, "auto", "none"):
+        return None
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(
+            400,
+            "a required tool call and response_format both constrain the reply; drop one",
+            "response_format",
+        )
+    offered = _offered_tools(body)
+    try:
+        return tools.call_grammar(offered, None if choice == "required" else choice.function.name)
+    except UserError as e:
+        raise ApiError(400, str(e), "tool_choice") from None
+
+
+def tool_names(body: SamplingRequest) -> set[str] | None:
+    """The functions a chat reply may call (None: its text is only content)."""
+    if not isinstance(body, ChatCompletionRequest) or not body.tools or body.tool_choice == "none":
+        return None
+    return {t.function.name for t in body.tools}
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -277,6 +343,7 @@ class Reply:
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: this many alternatives per prompt token
     scored: bool = False  # the core sends each prompt's logprobs (a Prompt event) before its tokens
     scores: dict[int, list] = field(default_factory=dict)  # prompt index -> its logprobs, as they came
+    tools: set[str] | None = None  # chat with tools: the functions whose calls are parsed out of the text
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -309,6 +376,7 @@ def reply_for(
         echo_logprobs=echo is not None and config.logprobs is not None,
         prompt_logprobs=body.prompt_logprobs,
         scored=config.prompt_logprobs is not None,
+        tools=tool_names(body) if chat else None,
     )
 
 
@@ -499,12 +567,34 @@ async def stream_chunks(job: Job, reply: Reply) -> AsyncIterator[dict]:
         yield {**_base(reply, chunk=True), "choices": [], "usage": _usage(reply, completion_tokens)}
 
 
+async def _tool_stream(job: Job, reply: Reply) -> AsyncIterator[dict]:
+    """A chat stream with tools: each choice is held until it ends (a call can only be told from text
+    then) and sent as `tool_chunks`."""
+    for chunk in role_chunks(reply):
+        yield chunk
+    held: dict[int, list[Token]] = {}
+    completion_tokens = 0
+    async for pi, ev in job.events():
+        ci = pi * reply.n + ev.index
+        if isinstance(ev, Prompt):
+            reply.scores[pi] = ev.logprobs
+        elif isinstance(ev, Token):
+            held.setdefault(ci, []).append(ev)
+        else:
+            completion_tokens += ev.completion_tokens
+            for chunk in tool_chunks(reply, ci, ev, held.pop(ci, [])):
+                yield chunk
+    if reply.include_usage:
+        yield {**_base(reply, chunk=True), "choices": [], "usage": _usage(reply, completion_tokens)}
+
+
 def streaming_response(job: Job, reply: Reply) -> StreamingResponse:
     """Server-sent events ending with `data: [DONE]`; a failure mid-stream is one error event."""
 
     async def body():
         try:
-            async for chunk in stream_chunks(job, reply):
+            chunks = _tool_stream(job, reply) if reply.tools is not None else stream_chunks(job, reply)
+            async for chunk in chunks:
                 yield sse(chunk)
         except ApiError as e:
             yield sse(e.body())
@@ -539,20 +629,45 @@ async def collect(
     return {ci: (fin, tokens.get(ci, [])) for ci, fin in finished.items()}
 
 
+def _message(reply: Reply, fin: Finished) -> tuple[dict, str]:
+    """A chat choice's message and finish reason: its text, or the tool calls parsed out of it."""
+    if reply.tools is not None:
+        content, calls = tools.parse(fin.text, reply.tools)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+            return message, "tool_calls" if fin.finish_reason == "stop" else fin.finish_reason
+    return {"role": "assistant", "content": fin.text}, fin.finish_reason
+
+
+def tool_chunks(reply: Reply, ci: int, fin: Finished, toks: list[Token]) -> list[dict]:
+    """A streamed chat reply with tools, sent whole when it ends (calls can only be told from text then):
+    one chunk with the content or the calls (and every token's logprobs), one with the finish reason."""
+    message, finish = _message(reply, fin)
+    delta: dict = {"content": message["content"]} if message["content"] else {}
+    if "tool_calls" in message:
+        delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+    base = _base(reply, chunk=True)
+    body = {"index": ci, "delta": delta, "logprobs": _logprobs(reply, toks), "finish_reason": None}
+    end = {"index": ci, "delta": {}, "logprobs": None, "finish_reason": finish}
+    return [{**base, "choices": [body]}, {**base, "choices": [end]}]
+
+
 def response(reply: Reply, results: dict[int, tuple[Finished, list[Token]]]) -> dict:
     """The whole (non-streamed) response: every choice in index order, and usage."""
     choices = []
     for ci in sorted(results):
         fin, toks = results[ci]
+        finish = fin.finish_reason
         if reply.chat:
-            piece: dict = {"message": {"role": "assistant", "content": fin.text}}
+            message, finish = _message(reply, fin)
+            piece: dict = {"message": message}
             lp = _logprobs(reply, toks)
         else:
             pi = ci // reply.n
             piece = {"text": (reply.echo[pi] if reply.echo is not None else "") + fin.text}
             piece |= _prompt_part(reply, pi)
             lp = _logprobs(reply, toks, 0, pi)
-        choices.append({"index": ci, **piece, "logprobs": lp, "finish_reason": fin.finish_reason})
+        choices.append({"index": ci, **piece, "logprobs": lp, "finish_reason": finish})
     completion_tokens = sum(fin.completion_tokens for fin, _ in results.values())
     extra = _prompt_part(reply, 0) if reply.chat else {}
     return {**_base(reply), "choices": choices, "usage": _usage(reply, completion_tokens), **extra}
@@ -561,6 +676,7 @@ def response(reply: Reply, results: dict[int, tuple[Finished, list[Token]]]) -> 
 __all__ = [
     "Reply",
     "chat_logprobs",
+    "chat_messages",
     "chat_request",
     "check_model",
     "collect",
@@ -579,4 +695,6 @@ __all__ = [
     "stream_chunks",
     "streaming_response",
     "token_chunk",
+    "tool_chunks",
+    "tool_names",
 ]

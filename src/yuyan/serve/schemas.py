@@ -170,13 +170,60 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_SCHEMA_BYTES)  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Strict):
+    """A call an earlier assistant turn made, sent back with the conversation."""
+
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = Field(None, max_length=256)
+    """One turn. `name` (a participant's name) is not served: our chat template has nowhere to put it, and
+    ignoring it would change whose words the model reads; it is refused by name."""
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None  # None only for an assistant turn that made tool calls
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=64)  # assistant turns
+    tool_call_id: str | None = Field(None, max_length=256)  # tool turns: the call this answers
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    parameters: dict | None = None  # a JSON Schema of the arguments object
+    strict: bool | None = None  # arguments follow the schema when the call is constrained (tool_choice)
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema_size(cls, value: dict | None) -> dict | None:
+        if value is not None and len(json.dumps(value)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the parameters schema is larger than {MAX_SCHEMA_BYTES} bytes of JSON")
+        return value
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -184,6 +231,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # "may call several": a constrained reply makes one call
 
 
 class InspectRequest(_Strict):
