@@ -15,10 +15,18 @@ from yuyan.cli.app import app
 
 @app.command("prepare")
 def prepare_cmd(
-    corpus: str = typer.Option(..., "--corpus", "-c", help="file, folder, glob, JSONL file or 'stdlib'"),
+    corpus: str = typer.Option(
+        ...,
+        "--corpus",
+        "-c",
+        help="file, folder, glob, JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, a datasets save_to_disk "
+        "folder, or 'stdlib'",
+    ),
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="folder with tokenizer.json"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for train.bin, val.bin and meta.json"),
-    text_field: str = typer.Option("text", "--text-field", help="JSONL field that holds the text"),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="JSONL field or Parquet/datasets column that holds the text"
+    ),
     extensions: str = typer.Option(None, "--extensions", help="comma list of file extensions for folders"),
     workers: int = typer.Option(None, "--workers", help="tokenizer threads (default: all cores)"),
     force: bool = typer.Option(
@@ -31,6 +39,8 @@ def prepare_cmd(
     """Tokenize a corpus into memmapped token shards for training.
 
     Example: yuyan prepare --corpus stdlib --tokenizer runs/tok --out runs/data
+
+    Example: yuyan prepare --corpus data/fineweb/ --text-field text --tokenizer runs/tok --out runs/data
     """
     import sys
 
