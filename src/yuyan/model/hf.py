@@ -8,6 +8,15 @@ model.safetensors, a sharded `*.index.json`, or pytorch_model.bin through `torch
 (never a full unpickle). Export writes config.json, model.safetensors, the tokenizer files and
 generation_config.json atomically, so `transformers.AutoModelForCausalLM.from_pretrained` and
 `AutoTokenizer.from_pretrained` open the folder.
+
+An export ends turns where `yuyan chat` and `yuyan serve` do: with our chat role tokens, `eos_token_id` in
+config.json and generation_config.json lists both the end-of-turn token `<|end|>` and end-of-text (the
+tokenizer's `chat_stop_ids`), so transformers' generate and chat pipeline, vLLM and TGI stop at the end of
+the assistant's turn. The tokenizer config names its `eos_token` (end-of-turn for a model fine-tuned on
+chats, `meta["task"] == "sft"`, as instruct models do; end-of-text otherwise, where documents end) and
+lists the role markers as special tokens; its chat template renders what the server renders: `developer`
+as `system`, content given as a list of text parts joined, tools, tool calls and tool results in the
+format of apps/tools.py, any other role an error.
 """
 
 from __future__ import annotations
@@ -442,13 +451,31 @@ def hf_family(config: ModelConfig) -> str:
     )
 
 
+def _chat_model(tokenizer: Tokenizer) -> bool:
+    return len(tokenizer.chat_ids) == len(CHAT_TOKENS)
+
+
+def eos_ids(tokenizer: Tokenizer, chat: bool = False) -> int | list[int] | None:
+    """`eos_token_id` for an export: every token that ends a reply in `yuyan chat` (end-of-turn and
+    end-of-text), the tokenizer config's eos_token first; one id when there is one."""
+    ids = list(tokenizer.chat_stop_ids) if _chat_model(tokenizer) else [tokenizer.eot_id]
+    ids = [i for i in ids if i is not None]
+    if not chat:
+        ids.sort(key=lambda i: i != tokenizer.eot_id)  # end-of-text first
+    return ids[0] if len(ids) == 1 else (ids or None)
+
+
 def ours_config_to_hf(
-    c: ModelConfig, family: str, tokenizer: Tokenizer, model_dtype: torch.dtype = torch.float32
+    c: ModelConfig,
+    family: str,
+    tokenizer: Tokenizer,
+    model_dtype: torch.dtype = torch.float32,
+    chat: bool = False,
 ) -> dict:
     dtype = str(model_dtype).removeprefix("torch.")
     ids = dict(
         bos_token_id=tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id,
-        eos_token_id=tokenizer.eot_id,
+        eos_token_id=eos_ids(tokenizer, chat),
         pad_token_id=tokenizer.pad_id,
     )
     if family == "gpt2":
@@ -501,29 +528,90 @@ def ours_config_to_hf(
     return out
 
 
+# The ids the server's chat route builds (serve/protocol.py chat_messages, then Tokenizer.apply_chat_template):
+# <|role|>content<|end|> per message, then <|assistant|>; developer turns are system ones, OpenAI content parts
+# are joined, and tools go the way apps/tools.py renders them: their JSON in the system turn between the
+# tools header and footer, an assistant's calls as <tool_call> JSON lines after its text, consecutive tool
+# results in one user turn as <tool_response> blocks. `tojson` is transformers' (json.dumps, ensure_ascii
+# off), the server's json.dumps; string arguments of a call are written as given (the server re-dumps them).
+_TEMPLATE = """
+{%- set header = HEADER -%}{%- set footer = FOOTER -%}
+{%- if tools -%}
+  {%- set ns = namespace(tools='') -%}
+  {%- for t in tools -%}{%- set ns.tools = ns.tools ~ ('' if loop.first else '\\n') ~ (t | tojson) -%}{%- endfor -%}
+  {%- set tools_text = header ~ ns.tools ~ footer -%}
+{%- endif -%}
+{%- for m in messages -%}
+  {%- set role = 'system' if m['role'] == 'developer' else m['role'] -%}
+  {%- if role not in ['system', 'user', 'assistant', 'tool'] -%}
+    {{- raise_exception('chat roles are system, developer, user, assistant and tool, not ' ~ m['role']) -}}
+  {%- endif -%}
+  {%- if m['content'] is not defined or m['content'] is none -%}{%- set text = '' -%}
+  {%- elif m['content'] is string -%}{%- set text = m['content'] -%}
+  {%- else -%}{%- set text = m['content'] | map(attribute='text') | join('') -%}{%- endif -%}
+  {%- if tools and loop.first -%}
+    {%- if role == 'system' -%}{%- set text = text ~ '\\n\\n' ~ tools_text -%}
+    {%- else -%}{{- '<|system|>' ~ tools_text ~ '<|end|>' -}}{%- endif -%}
+  {%- endif -%}
+  {%- if role == 'tool' -%}
+    {%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|user|>' -}}{%- else -%}{{- '\\n' -}}{%- endif -%}
+    {{- '<tool_response>\\n' ~ text ~ '\\n</tool_response>' -}}
+    {%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|end|>' -}}{%- endif -%}
+  {%- else -%}
+    {%- set calls = namespace(text=text) -%}
+    {%- for c in (m['tool_calls'] if m['tool_calls'] is defined and m['tool_calls'] else []) -%}
+      {%- set f = c['function'] if c['function'] is defined else c -%}
+      {%- set args = f['arguments'] if f['arguments'] is string else (f['arguments'] | tojson) -%}
+      {%- set call = CALL_OPEN ~ '\\n{"name": ' ~ (f['name'] | tojson) ~ ', "arguments": ' ~ args
+                  ~ '}\\n' ~ CALL_CLOSE -%}
+      {%- set calls.text = (calls.text ~ '\\n' if calls.text else '') ~ call -%}
+    {%- endfor -%}
+    {{- '<|' ~ role ~ '|>' ~ calls.text ~ '<|end|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}
+"""
+
+
+def chat_template() -> str:
+    """The exported chat template (Jinja, as transformers runs it); see the comment above."""
+    # the tool format's strings have one home, apps/tools.py (imported here, at export time only)
+    from yuyan.apps.tools import CALL_CLOSE, CALL_OPEN, TOOLS_FOOTER, TOOLS_HEADER
+
+    consts = {
+        "HEADER": TOOLS_HEADER,
+        "FOOTER": TOOLS_FOOTER,
+        "CALL_OPEN": CALL_OPEN,
+        "CALL_CLOSE": CALL_CLOSE,
+    }
+    out = _TEMPLATE.strip()
+    for name, value in consts.items():  # as Jinja string literals (JSON escapes are Jinja's too)
+        out = out.replace(name, json.dumps(value))
+    return out
+
+
 def _chat_template(tokenizer: Tokenizer) -> str | None:
-    # the same ids as Tokenizer.apply_chat_template when the tokenizer has our role tokens
-    if len(tokenizer.chat_ids) < len(CHAT_TOKENS):
-        return None
-    return (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
+    return chat_template() if _chat_model(tokenizer) else None
 
 
-def _tokenizer_files(tokenizer: Tokenizer, block_size: int) -> tuple[dict, dict]:
+def _tokenizer_files(tokenizer: Tokenizer, block_size: int, chat: bool = False) -> tuple[dict, dict]:
     vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
     inv = {i: t for t, i in vocab.items()}
+    eos = eos_ids(tokenizer, chat)
     special = {}
     for role, i in (
         ("bos_token", tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id),
-        ("eos_token", tokenizer.eot_id),
+        ("eos_token", eos[0] if isinstance(eos, list) else eos),
         ("pad_token", tokenizer.pad_id),
     ):
         if i is not None:
             special[role] = inv[i]
-    if tokenizer.token_to_id(PAD) is None and "eos_token" in special:
-        special["pad_token"] = special["eos_token"]
+    if tokenizer.token_to_id(PAD) is None and tokenizer.eot_id is not None:
+        special["pad_token"] = inv[tokenizer.eot_id]  # never the end-of-turn token: padding is not a turn
+    if _chat_model(tokenizer):
+        special["additional_special_tokens"] = list(
+            CHAT_TOKENS
+        )  # never split, dropped by skip_special_tokens
     if tokenizer.token_to_id("<unk>") is not None:
         special["unk_token"] = "<unk>"
     cfg = dict(
@@ -548,6 +636,7 @@ def export_hf(
     force: bool = False,
 ) -> Path:
     """Write a Hugging Face folder (config, model.safetensors, tokenizer, generation config) atomically.
+    A LanguageModel fine-tuned on chats (`meta["task"] == "sft"`) gets end-of-turn as its eos_token.
 
     The folder follows the safe-output rule (yuyan.fsutil): never the model's own folder (or inside or
     around it), and a non-empty folder that is not ours only with `force`."""
@@ -568,8 +657,9 @@ def export_hf(
         raise UserError(f"rope_scaling is only exported for llama models, not {auto}")
     check_tokenizer(tokenizer, model.config, "the export")
     sd = ours_to_hf(model, auto)
-    config = ours_config_to_hf(model.config, auto, tokenizer, model.embed_tokens.weight.dtype)
-    tok_cfg, special = _tokenizer_files(tokenizer, model.config.block_size)
+    chat = isinstance(lm_or_model, LanguageModel) and lm_or_model.meta.get("task") == "sft"
+    config = ours_config_to_hf(model.config, auto, tokenizer, model.embed_tokens.weight.dtype, chat)
+    tok_cfg, special = _tokenizer_files(tokenizer, model.config.block_size, chat)
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
     def write(tmp: Path) -> None:
