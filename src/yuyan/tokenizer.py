@@ -24,6 +24,18 @@ EOT = "<|endoftext|>"
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOT, *CHAT_TOKENS, PAD]
+# the tool-call format inside chat turns (Hermes/Qwen 2.5; apps/tools.py renders and parses it, the
+# exported chat template writes it): one home for its strings, below both
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOLS_HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
+TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call>"
+)
 
 
 def _not_text(text: object) -> str:

@@ -19,17 +19,8 @@ import uuid
 from dataclasses import dataclass
 
 from yuyan.errors import UserError
+from yuyan.tokenizer import CALL_CLOSE, CALL_OPEN, TOOLS_FOOTER, TOOLS_HEADER
 
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-TOOLS_HEADER = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-)
-TOOLS_FOOTER = (
-    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
-    "<args-json-object>}\n</tool_call>"
-)
 _CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S)
 
 

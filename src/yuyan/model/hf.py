@@ -48,7 +48,7 @@ from yuyan.model.checkpoint import (
     write_json,
 )
 from yuyan.model.transformer import ModelConfig, Transformer
-from yuyan.tokenizer import CHAT_TOKENS, PAD, Tokenizer
+from yuyan.tokenizer import CALL_CLOSE, CALL_OPEN, CHAT_TOKENS, PAD, TOOLS_FOOTER, TOOLS_HEADER, Tokenizer
 
 # --------------------------------------------------------------------------------------------- key tables
 
@@ -575,9 +575,6 @@ _TEMPLATE = """
 
 def chat_template() -> str:
     """The exported chat template (Jinja, as transformers runs it); see the comment above."""
-    # the tool format's strings have one home, apps/tools.py (imported here, at export time only)
-    from yuyan.apps.tools import CALL_CLOSE, CALL_OPEN, TOOLS_FOOTER, TOOLS_HEADER
-
     consts = {
         "HEADER": TOOLS_HEADER,
         "FOOTER": TOOLS_FOOTER,
