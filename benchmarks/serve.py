@@ -172,10 +172,14 @@ def stream_rate(base: str, body: dict) -> tuple[float, int]:
         json={**body, "stream": True, "stream_options": {"include_usage": True}},
         timeout=600,
     ) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"the server answered {r.status_code}: {r.read()[:300]!r}")
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             obj = json.loads(line[6:])
+            if "error" in obj:
+                raise SystemExit(f"the stream failed: {obj['error']}")
             if obj["choices"] and obj["choices"][0]["text"]:
                 last = time.perf_counter()
                 first = first or last
