@@ -304,6 +304,24 @@ def test_logprobs_reported(family):
             seq.append(tok)
 
 
+def test_logprobs_include_the_stop_token(family):
+    """A row that ends on a stop id reports that token's logprob last (vLLM and OpenAI do; lm_eval's
+    local-completions reads the last entry as the sampled token's), though its id is not in token_ids."""
+    model = _model(family)
+    free = generate(model, None, [[1, 2, 3]], GenerationConfig.from_dict(dict(max_new_tokens=6, **GREEDY)))
+    stop_id = free[0][0].token_ids[3]  # greedy's 4th token, made a stop id
+    cfg = GenerationConfig.from_dict(
+        dict(max_new_tokens=6, logprobs=2, temperature=0, stop_token_ids=[stop_id])
+    )
+    out = generate(model, None, [[1, 2, 3]], cfg)[0][0]
+    first = free[0][0].token_ids.index(stop_id)
+    assert out.finish_reason == "stop" and out.token_ids == free[0][0].token_ids[:first]
+    assert [e.token_id for e in out.logprobs] == out.token_ids + [stop_id]
+    with torch.no_grad():
+        ref = model(torch.tensor([[1, 2, 3, *out.token_ids]]))[0, -1].log_softmax(-1)
+    assert abs(out.logprobs[-1].logprob - float(ref[stop_id])) < 1e-5
+
+
 def test_penalties_change_greedy_output():
     model = _model("gpt2")
     plain = generate(model, None, [[1, 2]], GenerationConfig.from_dict(dict(max_new_tokens=20, **GREEDY)))[0][

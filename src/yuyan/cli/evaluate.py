@@ -1,7 +1,9 @@
-"""`yuyan eval ...`: perplexity / bits per byte, BLEU, ROUGE, classification, speed, and compare.
+"""`yuyan eval ...`: perplexity / bits per byte, BLEU, ROUGE, classification, speed, compare, and
+lm-evaluation-harness tasks (`harness`).
 
 Each command is a thin call into `yuyan.evaluate`; it prints the metrics and, with `--out DIR`, writes
-`DIR/<kind>.json` and `DIR/<kind>.md` (atomic writes).
+`DIR/<kind>.json` and `DIR/<kind>.md` (atomic writes). `harness` prints lm_eval's own table and writes
+lm_eval's results JSON to `--output FILE`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from yuyan.errors import UserError
 from yuyan.generate import GenerationConfig
 
 eval_app = typer.Typer(
-    help="Evaluate a model: perplexity, bleu, rouge, classify, speed; compare two results.",
+    help="Evaluate a model: perplexity, bleu, rouge, classify, speed, harness (lm-eval); compare two results.",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
@@ -375,3 +377,47 @@ def compare_cmd(
         )
         m = atomic_write_text(Path(out) / "compare.md", compare_markdown(cmp))
         print(f"wrote {j} and {m}")
+
+
+@eval_app.command("harness")
+def harness_cmd(
+    model: str = MODEL,
+    tasks: str = typer.Option(
+        ..., "--tasks", help="comma-separated lm_eval task names, e.g. arc_easy,mytask"
+    ),
+    include_path: Path = typer.Option(None, "--include-path", help="folder of your own task YAML files"),
+    limit: int = typer.Option(None, "--limit", help="score only the first N items of each task"),
+    batch_size: int = typer.Option(8, "--batch-size", help="requests per forward pass"),
+    num_fewshot: int = typer.Option(
+        None, "--num-fewshot", help="examples before each item (default: the task's)"
+    ),
+    output: Path = typer.Option(None, "--output", help="write lm_eval's results as JSON to this file"),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+) -> None:
+    """lm-evaluation-harness tasks scored in-process on the model (needs the eval extra: lm-eval).
+
+    Example: yuyan eval harness --model runs/demo/final --tasks mytask --include-path tasks/ --output r.json
+    """
+    from yuyan.evaluate.harness import (
+        check_settings,
+        evaluate_tasks,
+        results_json,
+        results_table,
+        task_manager,
+    )
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    check_settings(names, limit, num_fewshot, batch_size)
+    if output is not None and output.is_dir():
+        raise UserError(f"--output {output} is a folder; pass a file name such as results.json")
+    manager = task_manager(names, include_path)  # an unknown task fails before the model loads
+    lm = _load(model, device)
+    r = evaluate_tasks(
+        lm, names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, manager=manager
+    )
+    print(results_table(r))
+    if output is not None:
+        from yuyan.evaluate.report import atomic_write_text
+
+        atomic_write_text(output, results_json(r, model))
+        print(f"wrote {output}")

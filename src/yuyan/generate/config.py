@@ -164,6 +164,7 @@ class Completion:
     text: str  # generated text, cut before any stop string, without the stop token
     token_ids: list[int]  # generated tokens (without a final stop token id)
     finish_reason: str  # "stop" (stop token or string) | "length" (max_new_tokens or the context)
+    # one per sampled token, a final stop token id's included (so one more than token_ids when it stopped so)
     logprobs: list[TokenLogprob] | None = None
     prompt_tokens: int = 0
     # with prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it)

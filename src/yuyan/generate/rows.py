@@ -55,6 +55,10 @@ class Row:
             return
         self.new.append(tok)
         self.generated.append(tok)
+        if (
+            logprob is not None
+        ):  # a stop id's too: it was sampled (vLLM and OpenAI report it; harnesses count on it)
+            self.logprobs.append(logprob)
         if tok in self.stop_ids:
             self.finish = "stop"
             self.close()
@@ -62,8 +66,6 @@ class Row:
         self.tokens.append(tok)
         if self.decoder is not None:
             self._add_text(self.decoder.push(tok))
-        if logprob is not None:
-            self.logprobs.append(logprob)
         if self.constraint is not None:
             self.constraint.take(tok)
             if self.constraint.stopped and self.finish is None:  # complete: it allows nothing more

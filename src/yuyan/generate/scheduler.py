@@ -394,12 +394,16 @@ class Scheduler:
         ended_by_id = bool(row.new) and row.new[-1] in row.stop_ids and row.finish == "stop"
         shown = row.new[:-1] if ended_by_id else row.new
         piece = row.safe_text()
-        lps = row.logprobs[-len(shown) :] if row.config.logprobs is not None and shown else []
+        want = row.config.logprobs is not None and bool(row.new)
+        lps = row.logprobs[-len(row.new) :] if want else []  # one per token taken, a stop id's included
         for j, t in enumerate(shown):
             ev = Token(row.index, t, piece if j == len(shown) - 1 else "")
             if lps:
                 ev.logprob, ev.top, ev.token = lps[j].logprob, lps[j].top, lps[j].token
             _safe_emit(req, ev)
+        if ended_by_id and lps:  # the stop id adds no text but was sampled: its logprob, as vLLM reports it
+            e = lps[-1]
+            _safe_emit(req, Token(row.index, e.token_id, "", e.logprob, e.top, e.token))
         if row.finish is not None:
             tail = piece if ended_by_id else ""
             _safe_emit(
