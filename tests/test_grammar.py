@@ -17,7 +17,7 @@ from tests.conftest import tiny_config
 
 from yuyan.errors import UserError
 from yuyan.generate import GenerationConfig, generate
-from yuyan.generate.grammar import compile_grammar, token_bytes
+from yuyan.generate.grammar import compile_grammar, mask_bias, token_bytes
 from yuyan.model.transformer import Transformer
 
 SCHEMA = {
@@ -173,6 +173,25 @@ def test_logprobs_are_the_models_and_max_tokens_cuts(model, tokenizer):
     with torch.no_grad():
         lp = model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
     assert c.logprobs[0].logprob == pytest.approx(float(lp[c.token_ids[0]]), abs=1e-5)
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_mask_bias_reads_every_bit(monkeypatch, byteorder):
+    """Bit j of word w is token 32w + j: 0 where set, -inf where not, on either unpacking path, with a
+    vocabulary that ends inside a word."""
+    import sys
+
+    monkeypatch.setattr(sys, "byteorder", byteorder)  # "big" takes the shifting path
+    g = torch.Generator().manual_seed(0)
+    V = 32 * 5 + 7
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 6), dtype=torch.int32, generator=g)
+    want = torch.tensor(
+        [
+            [0.0 if (int(bitmask[r, t // 32]) >> (t % 32)) & 1 else float("-inf") for t in range(V)]
+            for r in range(3)
+        ]
+    )
+    assert torch.equal(mask_bias(bitmask, V), want)
 
 
 def test_token_bytes_spell_the_text(tokenizer):

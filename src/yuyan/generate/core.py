@@ -26,7 +26,7 @@ from torch import nn
 
 from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig, TokenLogprob
-from yuyan.generate.grammar import Constraint, allowed, compile_grammar, fill_masks
+from yuyan.generate.grammar import Constraint, compile_grammar, fill_masks, mask_bias
 from yuyan.generate.prefix import PrefixCache
 from yuyan.generate.rows import Row
 from yuyan.generate.sampling import (
@@ -431,10 +431,12 @@ class Decoder:
         for i, c in zip(idx, cons, strict=True):
             if c.error is not None:
                 self.rows[i].error, self.rows[i].finish = f"the grammar failed: {c.error}", "error"
-        at = torch.tensor(idx, device=logits.device)
-        out = logits.clone()
-        out[at] = logits[at].masked_fill(~allowed(bitmask, V).to(logits.device), float("-inf"))
-        return out
+        bias = mask_bias(bitmask, V)
+        if len(idx) < len(self.rows):  # unconstrained rows allow everything
+            full = torch.zeros(len(self.rows), V)
+            full[torch.tensor(idx)] = bias
+            bias = full
+        return logits + bias.to(logits.device, logits.dtype)  # a new tensor: the logits stay the model's
 
     def _fail_nonfinite(self, logits: torch.Tensor) -> torch.Tensor:
         """A row whose raw logits hold a nan or +inf (or nothing above -inf) fails as the model's fault, not

@@ -13,9 +13,11 @@ into strings, outlines-core ignored an integer's maximum), at 40-90 us a token o
 from __future__ import annotations
 
 import json
+import sys
 import weakref
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from yuyan.errors import UserError
@@ -161,11 +163,26 @@ def _executor():
     return llguidance.LLExecutor()
 
 
-def allowed(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(C, W) int32 bitmask -> (C, vocab_size) bool, True where the grammar allows the token."""
+_NEG_INF_BITS = -8388608  # 0xFF800000 as int32: the bits of float32 -inf
+
+
+def mask_bias(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(C, W) int32 bitmask -> (C, vocab_size) float32: 0 where the grammar allows the token, -inf where not
+    (bit j of word w is token 32w + j). Added to the logits, it masks them.
+
+    Branch-free, so its cost does not depend on the mask: each allowed bit b becomes the int32
+    (b - 1) & bits(-inf), i.e. 0 or -inf. A select (torch.where) mispredicts on ragged masks: 100 us at 32k
+    tokens against 13 us here. On a little-endian host a word's bytes are its bits 0-7, 8-15, ..., so numpy
+    unpacks them in one pass; other hosts shift."""
+    if sys.byteorder == "little" and bitmask.device.type == "cpu":
+        b = bitmask.contiguous().numpy().view(np.uint8)
+        bits = np.unpackbits(b, axis=-1, count=vocab_size, bitorder="little").astype(np.int32)
+        bits -= 1
+        bits &= _NEG_INF_BITS
+        return torch.from_numpy(bits.view(np.float32))
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask[:, :, None] >> shifts) & 1  # (C, W, 32)
-    return bits.flatten(1)[:, :vocab_size].bool()
+    bits = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab_size]  # (C, V) 0/1
+    return ((bits - 1) & _NEG_INF_BITS).view(torch.float32)
 
 
-__all__ = ["token_bytes", "compile_grammar", "Constraint", "fill_masks", "allowed"]
+__all__ = ["token_bytes", "compile_grammar", "Constraint", "fill_masks", "mask_bias"]
