@@ -318,9 +318,9 @@ def test_switches_that_hugging_face_cannot_express_refuse_export():
     from yuyan.model.hf import hf_family
 
     assert hf_family(tiny_config("llama", zero_init_residual=True)) == "llama"  # only the start differs
-    for kw in (dict(qk_norm=True), dict(logit_softcap=30.0)):
-        with pytest.raises(UserError, match="has qk_norm or logit_softcap"):
-            hf_family(tiny_config("llama", **kw))
+    assert hf_family(tiny_config("llama", qk_norm=True)) == "qwen3"  # Qwen3 is Llama with QK-norm
+    with pytest.raises(UserError, match="logit_softcap"):  # only Gemma soft-caps, with its other switches
+        hf_family(tiny_config("llama", logit_softcap=30.0))
     with pytest.raises(UserError, match="ffn=relu2_mlp"):
         hf_family(tiny_config("llama", ffn="relu2_mlp"))
 

@@ -39,7 +39,7 @@ from yuyan.fsutil import (
     read_small_json,
 )
 from yuyan.model.flops import num_params
-from yuyan.model.transformer import ModelConfig, Transformer, rope_inv_freq
+from yuyan.model.transformer import ModelConfig, Transformer
 from yuyan.tokenizer import Tokenizer
 
 FORMAT, VERSION = "yuyan", 1
@@ -295,8 +295,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> T
             f"config asks for {n:.3g} parameters (over the {MAX_PARAMS:.0e} limit); the config is corrupt or absurd"
         )
     m = m.to_empty(device=device or "cpu")
-    if cfg.pos == "rope":
-        m.inv_freq = rope_inv_freq(cfg).to(m.inv_freq.device)
+    m.init_rope()
     if cfg.tie_embeddings:
         m.lm_head.weight = m.embed_tokens.weight
     return m

@@ -1,9 +1,13 @@
 """Hugging Face interop: import a local HF model folder, export ours to one, download `hf:NAME`.
 
 Import needs no transformers: config.json is mapped to our `ModelConfig` by one function per
-`model_type` (gpt2, llama, qwen2, mistral), and the weights by one key table per family whose inverse is
-export. Our parameter names already follow HF Llama, so the Llama table is a prefix; GPT-2's table also
-transposes Conv1D weights ((in, out) on disk) and splits the fused `c_attn` into q/k/v. Weights come from
+`model_type` (gpt2, llama, qwen2, mistral, qwen3, phi3, olmo2, smollm3, gemma2, gemma3_text), and the weights
+by one key table per family whose inverse is export. The families differ in our model by `ModelConfig`
+switches (QK-norm and its scope, norm placement, (1 + w) norms, embedding scale, soft-capping, sliding-window
+layers and their RoPE base, layers without RoPE), not by classes. Our parameter names already follow HF
+Llama's (and OLMo 2's and Gemma's for their extra norms), so the Llama table is a prefix; GPT-2's table also
+transposes Conv1D weights ((in, out) on disk) and splits the fused `c_attn` into q/k/v, and Phi-3's splits
+its fused `qkv_proj` and `gate_up_proj`. Weights come from
 model.safetensors, a sharded `*.index.json`, or pytorch_model.bin through `torch.load(weights_only=True)`
 (never a full unpickle). Export writes config.json, model.safetensors, the tokenizer files and
 generation_config.json atomically, so `transformers.AutoModelForCausalLM.from_pretrained` and
@@ -25,7 +29,6 @@ import contextlib
 import json
 import os
 import re
-import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,13 +89,29 @@ def _llama_table() -> list[Key]:
     layer = [f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")]
     layer += [f"mlp.{p}_proj.{w}" for p in ("gate", "up", "down") for w in ("weight", "bias")]
     layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    # QK-norm (Qwen3, OLMo 2, Gemma 3) and the norms of the other placements (OLMo 2, Gemma 2/3)
+    layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    layer += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]
     keys = [Key("model.embed_tokens.weight", ("embed_tokens.weight",))]
     keys += [Key(f"model.layers.{{i}}.{n}", (f"layers.{{i}}.{n}",)) for n in layer]
     return keys + [Key("model.norm.weight", ("norm.weight",)), Key("lm_head.weight", ("lm_head.weight",))]
 
 
-TABLES: dict[str, list[Key]] = {"gpt2": _gpt2_table(), "llama": _llama_table()}
-FAMILY = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}  # model_type -> key table
+def _phi3_table() -> list[Key]:
+    # Llama's, with q/k/v fused into qkv_proj and gate/up into gate_up_proj (split along the outputs)
+    ly, ours = "model.layers.{i}.", "layers.{i}."
+    fused = {
+        f"{ly}self_attn.qkv_proj.weight": tuple(f"{ours}self_attn.{p}_proj.weight" for p in "qkv"),
+        f"{ly}mlp.gate_up_proj.weight": (f"{ours}mlp.gate_proj.weight", f"{ours}mlp.up_proj.weight"),
+    }
+    inside = {n for names in fused.values() for n in names}
+    keys = [k for k in _llama_table() if not set(k.ours) & inside]
+    return keys + [Key(hf, names) for hf, names in fused.items()]
+
+
+TABLES: dict[str, list[Key]] = {"gpt2": _gpt2_table(), "llama": _llama_table(), "phi3": _phi3_table()}
+LLAMA_LIKE = ("llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3", "gemma2", "gemma3_text")
+FAMILY = {"gpt2": "gpt2", "phi3": "phi3", **{t: "llama" for t in LLAMA_LIKE}}  # model_type -> key table
 # tensors some HF files carry that are buffers, not weights: GPT-2's causal mask, old Llama's inv_freq
 IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 
@@ -267,13 +286,108 @@ def _llama_config(c: _Cfg) -> dict:
     )
 
 
+def _windows(c: _Cfg, default: Callable[[int], bool]) -> dict:
+    """The sliding-window layers: config.json's `layer_types` where it has them (transformers 5 writes
+    them), else the family's rule `default(layer)`; nothing without a `sliding_window`."""
+    n, win = c("num_hidden_layers"), c("sliding_window", None)
+    types = c("layer_types", None, list)
+    if types is not None and len(types) != n:
+        raise UserError(f"{c.source}/config.json: layer_types has {len(types)} entries for {n} layers")
+    local = [i for i in range(n) if (types[i] == "sliding_attention" if types is not None else default(i))]
+    if win is None or not local:
+        return {}
+    return dict(sliding_window=win, local_layers=None if len(local) == n else local)
+
+
 def _qwen2_config(c: _Cfg) -> dict:
-    # Qwen2: Llama with biases on q/k/v only
-    return {**_llama_config(c), "bias": False, "qkv_bias": True}
+    # Qwen2: Llama with biases on q/k/v only; its window (when used) on the layers from max_window_layers on
+    on, start = c("use_sliding_window", False, bool), c("max_window_layers", 0)
+    return {**_llama_config(c), "bias": False, "qkv_bias": True, **_windows(c, lambda i: on and i >= start)}
 
 
 def _mistral_config(c: _Cfg) -> dict:
-    return _llama_config(c)
+    return {**_llama_config(c), **_windows(c, lambda i: True)}
+
+
+def _qwen3_config(c: _Cfg) -> dict:
+    # Qwen3: Llama with RMSNorm over each head's q and k before RoPE
+    if c("attention_bias", False, bool):
+        raise UserError(f"{c.source}: Qwen3 with attention_bias is not supported (biases on attention only)")
+    on, start = c("use_sliding_window", False, bool), c("max_window_layers", 0)
+    return {**_llama_config(c), "qk_norm": True, **_windows(c, lambda i: on and i >= start)}
+
+
+def _phi3_config(c: _Cfg) -> dict:
+    # Phi-3: Llama with fused projections (split by the key table), full rotary, a window on every layer
+    rope = c("rope_parameters", {}, dict) or c("rope_scaling", {}, dict)
+    if float(rope.get("partial_rotary_factor", c("partial_rotary_factor", 1.0, float))) != 1.0:
+        raise UserError(f"{c.source}: Phi-3 with partial_rotary_factor != 1 is not supported")
+    return {**_llama_config(c), **_windows(c, lambda i: True)}
+
+
+def _olmo2_config(c: _Cfg) -> dict:
+    # OLMo 2: norms after attention and MLP (none before), RMSNorm over the whole q and k projections
+    return {**_llama_config(c), "norm_placement": "post", "qk_norm": True, "qk_norm_scope": "proj"}
+
+
+def _smollm3_config(c: _Cfg) -> dict:
+    # SmolLM3: Llama where no_rope_layers[i] == 0 marks a layer without RoPE (every 4th by default)
+    n, every = c("num_hidden_layers"), c("no_rope_layer_interval", 4)
+    use = c("no_rope_layers", None, list) or [int((i + 1) % every != 0) for i in range(n)]
+    if len(use) != n:
+        raise UserError(f"{c.source}/config.json: no_rope_layers has {len(use)} entries for {n} layers")
+    on = c("use_sliding_window", False, bool)
+    nope = [i for i, r in enumerate(use) if not r]
+    return {**_llama_config(c), "nope_layers": nope or None, **_windows(c, lambda i: on and not use[i])}
+
+
+def _gemma_config(c: _Cfg, pattern: int) -> dict:
+    """Gemma 2 / 3: (1 + w) RMSNorms before and after each sublayer, embeddings times sqrt(d_model), the
+    tanh-GELU gated MLP, scores scaled by query_pre_attn_scalar, sliding-window layers (every `pattern`th
+    layer global)."""
+    act = c("hidden_activation", None, str) or c("hidden_act", "gelu_pytorch_tanh", str)
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UserError(f"{c.source}: Gemma activation {act!r} is not supported (only gelu_pytorch_tanh)")
+    if c("use_bidirectional_attention", False, bool):
+        raise UserError(f"{c.source}: Gemma with bidirectional attention is not a causal language model")
+    base = _llama_config(
+        _Cfg(
+            {**c.raw, "hidden_act": "silu", "tie_word_embeddings": c("tie_word_embeddings", True, bool)},
+            c.source,
+        )
+    )
+    return {
+        **base,
+        "ffn": "geglu",
+        "norm_placement": "sandwich",
+        "norm_offset": True,
+        "embed_scale": True,
+        "attn_scale": c(
+            "query_pre_attn_scalar", base["head_dim"] or base["d_model"] // base["n_head"], float
+        ),
+        "attn_softcap": c("attn_logit_softcapping", None, float),
+        "logit_softcap": c("final_logit_softcapping", None, float),
+        **_windows(c, lambda i: bool((i + 1) % pattern)),
+    }
+
+
+def _gemma2_config(c: _Cfg) -> dict:
+    return _gemma_config(c, 2)
+
+
+def _gemma3_config(c: _Cfg) -> dict:
+    # Gemma 3 adds per-head QK-norm and a second RoPE base for the local layers; rope_parameters per layer
+    # type (transformers 5) or rope_theta + rope_local_base_freq (4.x)
+    params = c("rope_parameters", {}, dict)
+    full, local = params.get("full_attention", {}), params.get("sliding_attention", {})
+    for kind in (full, local):
+        if kind.get("rope_type", "default") != "default":
+            raise UserError(f"{c.source}: Gemma 3 rope scaling {kind.get('rope_type')!r} is not supported")
+    theta = full.get("rope_theta", c("rope_theta", 1_000_000.0, float))
+    local_theta = local.get("rope_theta", c("rope_local_base_freq", 10_000.0, float))
+    plain = {k: v for k, v in c.raw.items() if k not in ("rope_parameters", "rope_scaling")}
+    cfg = _gemma_config(_Cfg({**plain, "rope_theta": float(theta)}, c.source), c("sliding_window_pattern", 6))
+    return {**cfg, "qk_norm": True, "local_rope_theta": float(local_theta)}
 
 
 CONFIG_FROM_HF: dict[str, Callable[[_Cfg], dict]] = {
@@ -281,6 +395,12 @@ CONFIG_FROM_HF: dict[str, Callable[[_Cfg], dict]] = {
     "llama": _llama_config,
     "qwen2": _qwen2_config,
     "mistral": _mistral_config,
+    "qwen3": _qwen3_config,
+    "phi3": _phi3_config,
+    "olmo2": _olmo2_config,
+    "smollm3": _smollm3_config,
+    "gemma2": _gemma2_config,
+    "gemma3_text": _gemma3_config,
 }
 
 
@@ -292,16 +412,6 @@ def hf_config_to_ours(raw: dict, source: str = "model") -> ModelConfig:
         return ModelConfig(**CONFIG_FROM_HF[mt](_Cfg(raw, source)))
     except (TypeError, ValueError, ArithmeticError) as e:
         raise UserError(f"{source}/config.json: {e}") from None
-
-
-def _sliding_window_note(raw: dict, cfg: ModelConfig) -> str | None:
-    # Mistral (and Qwen2 with use_sliding_window) limit attention to a window; we attend to the whole
-    # context, which is identical for sequences up to the window and differs beyond it.
-    win = raw.get("sliding_window")
-    active = raw.get("model_type") == "mistral" or raw.get("use_sliding_window")
-    if active and isinstance(win, int) and win < cfg.block_size:
-        return f"sliding_window={win} is ignored: outputs match the original only for sequences up to {win} tokens"
-    return None
 
 
 # --------------------------------------------------------------------------------------------- import
@@ -363,7 +473,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf(folder: str | os.PathLike, device: torch.device | str | None = None) -> LanguageModel:
-    """Open a Hugging Face model folder (gpt2, llama, qwen2, mistral) as our model, in float32."""
+    """Open a Hugging Face model folder (any model_type of CONFIG_FROM_HF) as our model, in float32."""
     p = Path(folder)
     if not p.is_dir():
         raise UserError(
@@ -395,10 +505,6 @@ def load_hf(folder: str | os.PathLike, device: torch.device | str | None = None)
         model.load_state_dict(sd, strict=False)  # copies, converting fp16/bf16 files to float32
     model.eval()
     meta = {"source": "huggingface", "hf_model_type": raw["model_type"]}
-    note = _sliding_window_note(raw, cfg)
-    if note:
-        meta["note"] = note
-        warnings.warn(f"{p}: {note}", stacklevel=2)
     gen = p / "generation_config.json"
     if gen.exists():
         with contextlib.suppress(ValueError, AttributeError):  # optional; a broken one does not stop the load
@@ -424,31 +530,92 @@ GENERATION_KEYS = (
 # --------------------------------------------------------------------------------------------- export
 
 
+def _odd_switches(c: ModelConfig, allowed: set[str]) -> list[str]:
+    """The family-specific switches this config turns on, outside `allowed`."""
+    on = {
+        "qk_norm": c.qk_norm,
+        "qk_norm_scope=proj": c.qk_norm and c.qk_norm_scope == "proj",
+        "logit_softcap": c.logit_softcap is not None,
+        "attn_softcap": c.attn_softcap is not None,
+        "attn_scale": c.attn_scale is not None,
+        "norm_offset": c.norm_offset,
+        "embed_scale": c.embed_scale,
+        f"norm_placement={c.norm_placement}": c.norm_placement != "pre",
+        "sliding_window": c.sliding_window is not None,
+        "local_layers": c.local_layers is not None,
+        "local_rope_theta": c.local_rope_theta is not None,
+        "nope_layers": bool(c.nope_layers),
+        "ffn=relu2_mlp": c.ffn == "relu2_mlp",
+    }
+    return [k for k, v in on.items() if v and k not in allowed]
+
+
 def hf_family(config: ModelConfig) -> str:
-    """The HF model_type that expresses this config exactly, or a clear error."""
+    """The HF model_type that expresses this config exactly, or a clear error naming what none can."""
     c = config
-    if c.qk_norm or c.logit_softcap is not None:
-        raise UserError(
-            "no Hugging Face family yuyan exports (gpt2, llama, qwen2) has qk_norm or logit_softcap; "
-            "export a model trained without them"
-        )
     if c.norm == "layernorm" and c.pos == "learned" and c.ffn == "gelu_mlp":
+        odd = _odd_switches(c, set())
+        if odd:
+            raise UserError(f"HF gpt2 has none of {', '.join(odd)}; export a model trained without them")
         if c.bias and c.qkv_bias and c.n_kv_head == c.n_head and c.head_dim * c.n_head == c.d_model:
             return "gpt2"
         raise UserError(
             "a GPT-2-style model needs biases everywhere, n_kv_head = n_head and head_dim = "
             "d_model / n_head to export as HF gpt2; this config differs"
         )
-    if c.norm == "rmsnorm" and c.pos == "rope" and c.ffn == "swiglu":
-        if c.qkv_bias and not c.bias:
-            return "qwen2"
-        if c.qkv_bias == c.bias:
-            return "llama"
+    if c.norm != "rmsnorm" or c.pos != "rope" or c.ffn not in ("swiglu", "geglu"):
+        raise UserError(
+            f"no Hugging Face architecture expresses norm={c.norm}, pos={c.pos}, ffn={c.ffn}: export needs "
+            "layernorm+learned+gelu_mlp (gpt2) or rmsnorm+rope with swiglu (llama, qwen2, qwen3, mistral, "
+            "phi3, olmo2, smollm3) or geglu (gemma2, gemma3_text)"
+        )
+    window = {"sliding_window", "local_layers"}
+    gemma = {"norm_offset", "embed_scale", "norm_placement=sandwich", "attn_scale", "logit_softcap"} | window
+    # (family, the switches it expresses, whether it needs qk_norm, biases (all, qkv) it allows)
+    candidates = [
+        ("gemma3_text", gemma | {"qk_norm", "local_rope_theta"}, "geglu", True, False),
+        ("gemma2", gemma | {"attn_softcap"}, "geglu", False, False),
+        ("olmo2", {"qk_norm", "qk_norm_scope=proj", "norm_placement=post"}, "swiglu", True, False),
+        ("qwen3", {"qk_norm"} | window, "swiglu", True, False),
+        ("smollm3", {"nope_layers"} | window, "swiglu", False, False),
+        ("qwen2", window, "swiglu", False, "qkv"),
+        ("llama", set(), "swiglu", False, True),
+        ("mistral", {"sliding_window"}, "swiglu", False, False),
+    ]
+    for family, allowed, ffn, qk, biases in candidates:
+        if c.ffn != ffn or qk != c.qk_norm or _odd_switches(c, allowed):
+            continue
+        if family == "gemma2" and not (c.norm_offset and c.embed_scale and c.norm_placement == "sandwich"):
+            continue
+        if family == "gemma3_text" and not (
+            c.norm_offset and c.embed_scale and c.norm_placement == "sandwich"
+        ):
+            continue
+        if family == "olmo2" and (c.norm_placement != "post" or c.qk_norm_scope != "proj"):
+            continue
+        if family == "smollm3" and not c.nope_layers:
+            continue
+        bias_ok = {
+            False: not c.bias and not c.qkv_bias,
+            "qkv": c.qkv_bias and not c.bias,
+            True: c.qkv_bias == c.bias,
+        }[biases]
+        if bias_ok:
+            return family
+    odd = _odd_switches(c, set())
     raise UserError(
-        f"no Hugging Face architecture expresses norm={c.norm}, pos={c.pos}, ffn={c.ffn}, bias={c.bias}, "
-        f"qkv_bias={c.qkv_bias}: export needs layernorm+learned+gelu_mlp (gpt2) or "
-        "rmsnorm+rope+swiglu (llama, qwen2)"
+        f"no Hugging Face architecture expresses this combination (ffn={c.ffn}, bias={c.bias}, "
+        f"qkv_bias={c.qkv_bias}{', ' + ', '.join(odd) if odd else ''}); see `yuyan.model.hf.hf_family` for "
+        "the families and their switches"
     )
+
+
+def _int_if_whole(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else v
+
+
+def _layer_types(c: ModelConfig) -> list[str]:
+    return ["sliding_attention" if c.is_local(i) else "full_attention" for i in range(c.n_layer)]
 
 
 def _chat_model(tokenizer: Tokenizer) -> bool:
@@ -499,7 +666,17 @@ def ours_config_to_hf(
             torch_dtype=dtype,
             **ids,
         )
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "phi3": "Phi3ForCausalLM",
+        "olmo2": "Olmo2ForCausalLM",
+        "smollm3": "SmolLM3ForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM",
+    }[family]
     out = dict(
         architectures=[arch],
         model_type=family,
@@ -521,10 +698,54 @@ def ours_config_to_hf(
         torch_dtype=dtype,
         **ids,
     )
+    windowed = c.sliding_window is not None
     if family == "llama":
         out.update(attention_bias=c.bias, mlp_bias=c.bias)
-    else:
-        out.update(use_sliding_window=False)
+    elif family in ("qwen2", "qwen3"):
+        # the window on the layers from max_window_layers on; layer_types says exactly which
+        local = [i for i in range(c.n_layer) if c.is_local(i)]
+        out.update(
+            use_sliding_window=windowed,
+            sliding_window=c.sliding_window,
+            max_window_layers=local[0] if windowed else c.n_layer,
+            layer_types=_layer_types(c),
+        )
+        if family == "qwen3":
+            out.update(attention_bias=False)
+    elif family in ("mistral", "phi3"):
+        out.update(sliding_window=c.sliding_window)
+    elif family == "olmo2":
+        out.update(attention_bias=False)
+    elif family == "smollm3":
+        nope = set(c.nope_layers or [])
+        out.update(
+            no_rope_layers=[int(i not in nope) for i in range(c.n_layer)],
+            use_sliding_window=windowed,
+            sliding_window=c.sliding_window,
+            layer_types=_layer_types(c),
+            attention_bias=False,
+            mlp_bias=False,
+        )
+    elif family in ("gemma2", "gemma3_text"):
+        del out["hidden_act"]
+        out.update(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=_int_if_whole(c.attn_scale or c.head_dim),  # transformers wants an int
+            attn_logit_softcapping=c.attn_softcap,
+            final_logit_softcapping=c.logit_softcap,
+            sliding_window=c.sliding_window,
+            layer_types=_layer_types(c),
+            attention_bias=False,
+        )
+        if family == "gemma3_text":
+            local_theta = c.local_rope_theta or c.rope_theta
+            out.update(
+                rope_local_base_freq=local_theta,  # transformers 4.x; 5.x reads rope_parameters
+                rope_parameters={
+                    "full_attention": {"rope_type": "default", "rope_theta": c.rope_theta},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+                },
+            )
     return out
 
 
@@ -646,6 +867,12 @@ def export_hf(
     if tokenizer is None:
         raise UserError("export_hf needs the model's tokenizer (pass a LanguageModel or a Tokenizer)")
     auto = hf_family(model.config)
+    # Phi-3 computes what Llama (or Mistral, with a window) does, its projections fused: an explicit choice,
+    # or where the model came from
+    came = lm_or_model.meta.get("hf_model_type") if isinstance(lm_or_model, LanguageModel) else None
+    phi3_ok = auto in ("llama", "mistral") and not model.config.bias and model.config.local_layers is None
+    if phi3_ok and (family == "phi3" or (family is None and came == "phi3")):
+        auto = "phi3"
     if family is not None and family != auto:
         raise UserError(
             f"this model exports as HF {auto!r}, not {family!r}: its config fixes the architecture"

@@ -22,7 +22,8 @@ from torch import nn
 from yuyan.model.kv_cache import KVCache
 from yuyan.model.loss import linear_cross_entropy
 
-FFNS = ("gelu_mlp", "swiglu", "relu2_mlp")
+FFNS = ("gelu_mlp", "swiglu", "relu2_mlp", "geglu")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
 
 
 @dataclass
@@ -35,7 +36,9 @@ class ModelConfig:
     d_model: int = 128
     d_ff: int | None = None  # None: 4*d_model (gelu_mlp) or the Llama 8/3 rule rounded to 64 (swiglu)
     head_dim: int | None = None  # None: d_model // n_head
-    ffn: str = "gelu_mlp"  # gelu_mlp | swiglu | relu2_mlp (up, relu, square, down)
+    ffn: str = (
+        "gelu_mlp"  # gelu_mlp | swiglu | relu2_mlp (up, relu, square, down) | geglu (Gemma's gated tanh GELU)
+    )
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     pos: str = "learned"  # learned | rope
@@ -48,6 +51,25 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3's q_norm / k_norm)
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt)
     zero_init_residual: bool = False  # o_proj and down_proj start at zero: each block starts as the identity
+    # --- the switches of other open families (import/export in hf.py), all off by default
+    # where the norms sit: pre (GPT-2, Llama: norm -> sublayer -> add), post (OLMo 2: sublayer -> norm -> add),
+    # sandwich (Gemma 2/3: norm -> sublayer -> norm -> add)
+    norm_placement: str = "pre"
+    qk_norm_scope: str = (
+        "head"  # qk_norm over each head (Qwen3, Gemma 3) or the whole q/k projection (OLMo 2)
+    )
+    norm_offset: bool = False  # RMSNorm scales by (1 + weight), its weight starting at 0 (Gemma)
+    embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma)
+    attn_scale: float | None = (
+        None  # scores divided by sqrt(attn_scale); None: head_dim (Gemma's query_pre_attn_scalar)
+    )
+    attn_softcap: float | None = None  # attention scores = cap * tanh(scores / cap) (Gemma 2)
+    sliding_window: int | None = (
+        None  # local layers see the last `sliding_window` positions (themselves included)
+    )
+    local_layers: list[int] | None = None  # which layers are local (None with a window: all of them)
+    local_rope_theta: float | None = None  # RoPE base of the local layers (Gemma 3); None: rope_theta
+    nope_layers: list[int] | None = None  # layers without RoPE (SmolLM3)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -79,19 +101,49 @@ class ModelConfig:
                 f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})",
             ),
             (self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim"),
+            (
+                self.norm_placement in NORM_PLACEMENTS,
+                f"norm_placement must be one of {', '.join(NORM_PLACEMENTS)}, got {self.norm_placement!r}",
+            ),
+            (
+                self.qk_norm_scope in ("head", "proj"),
+                f"qk_norm_scope must be head or proj, got {self.qk_norm_scope!r}",
+            ),
+            (not self.norm_offset or self.norm == "rmsnorm", "norm_offset needs norm = rmsnorm"),
+            (
+                self.sliding_window is None
+                or (isinstance(self.sliding_window, int) and not isinstance(self.sliding_window, bool))
+                and self.sliding_window >= 1,
+                f"sliding_window must be a positive integer or None, got {self.sliding_window!r}",
+            ),
+            (
+                self.local_layers is None or self.sliding_window is not None,
+                "local_layers needs a sliding_window",
+            ),
         ]
+        for name in ("local_layers", "nope_layers"):
+            v = getattr(self, name)
+            if v is not None and not (
+                isinstance(v, list | tuple)
+                and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layer for i in v)
+            ):
+                checks.append(
+                    (False, f"{name} must be a list of layer indices in [0, {self.n_layer}), got {v!r}")
+                )
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"invalid model config: {msg}")
 
     def _check_floats(self) -> None:
         """Finite, in-range floats: a config.json with NaN or a negative epsilon is refused by field name."""
-        cap = self.logit_softcap
         checks = [
             ("dropout", self.dropout, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
             ("norm_eps", self.norm_eps, lambda v: v > 0, "> 0"),
             ("rope_theta", self.rope_theta, lambda v: v > 0, "> 0"),
-        ] + ([("logit_softcap", cap, lambda v: v > 0, "> 0 (or None: off)")] if cap is not None else [])
+        ]
+        for name in ("logit_softcap", "attn_softcap", "attn_scale", "local_rope_theta"):
+            if getattr(self, name) is not None:
+                checks.append((name, getattr(self, name), lambda v: v > 0, "> 0 (or None: off)"))
         for name, v, ok, rule in checks:
             real = isinstance(v, numbers.Real) and not isinstance(v, bool)
             if not (real and math.isfinite(v) and ok(v)):
@@ -99,6 +151,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def is_local(self, layer: int) -> bool:
+        """Does this layer attend through the sliding window?"""
+        return self.sliding_window is not None and (self.local_layers is None or layer in self.local_layers)
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.pos == "rope" and not (self.nope_layers and layer in self.nope_layers)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -109,10 +168,12 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE's inverse frequencies (head_dim / 2,), rescaled Llama-3 style when `rope_scaling` says so."""
+def rope_inv_freq(config: ModelConfig, theta: float | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies (head_dim / 2,) for base `theta` (default rope_theta), rescaled Llama-3
+    style when `rope_scaling` says so."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    theta = config.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     rs = config.rope_scaling
     if rs and rs.get("rope_type", rs.get("type")) == "llama3":
         # Llama 3.1 frequency rescaling (same rule as HF's _compute_llama3_parameters)
@@ -140,7 +201,10 @@ class Norm(nn.Module):
     def __init__(self, config: ModelConfig, kind: str | None = None, dim: int | None = None):
         super().__init__()
         self.kind, self.eps = kind or config.norm, config.norm_eps
-        self.weight = nn.Parameter(torch.ones(dim or config.d_model))
+        self.offset = config.norm_offset  # Gemma: (1 + weight), the weight starting at 0
+        self.weight = nn.Parameter(
+            torch.zeros(dim or config.d_model) if self.offset else torch.ones(dim or config.d_model)
+        )
         has_bias = self.kind == "layernorm" and config.bias
         self.bias = nn.Parameter(torch.zeros(config.d_model)) if has_bias else None
 
@@ -150,6 +214,8 @@ class Norm(nn.Module):
         # RMSNorm in float32 like HF Llama, then back to the input dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # as Gemma: scaled in float32, then cast
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -172,17 +238,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
         self.o_proj.residual = True
-        if config.qk_norm:  # per head, shared across heads (Qwen3)
-            self.q_norm = Norm(config, "rmsnorm", config.head_dim)
-            self.k_norm = Norm(config, "rmsnorm", config.head_dim)
-        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # per head, shared across heads (Qwen3), or over the whole projection (OLMo 2)
+            per_head = config.qk_norm_scope == "head"
+            self.q_norm = Norm(config, "rmsnorm", config.head_dim * (1 if per_head else config.n_head))
+            self.k_norm = Norm(config, "rmsnorm", config.head_dim * (1 if per_head else config.n_kv_head))
+        self.qk_norm = config.qk_norm and config.qk_norm_scope == "head"
+        self.proj_norm = config.qk_norm and config.qk_norm_scope == "proj"
+        self.scale = (config.attn_scale or config.head_dim) ** -0.5
+        self.softcap = config.attn_softcap
+        self.window = config.sliding_window if config.is_local(layer) else None
+        self.rope = config.uses_rope(layer)
 
     def forward(
         self, x, pos, rope, cache: KVCache | None, mask: torch.Tensor | None, attn_weights: list | None
     ):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.proj_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -192,14 +267,17 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v, pos, mask.shape[-1])  # (B, Hkv, S, D)
         rep = self.n_head // self.n_kv_head
-        if attn_weights is not None:  # explicit path, returns the weights for inspection
+        if attn_weights is not None or self.softcap is not None:  # explicit path (SDPA cannot soft-cap)
             kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            scores = (q @ kr.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            scores = (q @ kr.transpose(-2, -1)) * self.scale
+            if self.softcap is not None:
+                scores = self.softcap * torch.tanh(scores / self.softcap)
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             scores = scores.masked_fill(~mask, float("-inf"))
             att = scores.softmax(-1)
-            attn_weights.append(att.detach())
+            if attn_weights is not None:
+                attn_weights.append(att.detach())
             y = F.dropout(att, self.dropout, self.training) @ vr
         elif self.sdpa_fp32 and v.dtype == torch.bfloat16:  # q, k may be float32 from RoPE's tables
             with torch.autocast(x.device.type, enabled=False):
@@ -217,6 +295,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             enable_gqa=rep > 1,
         )
 
@@ -225,7 +304,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.ffn = config.ffn
-        self.swiglu = config.ffn == "swiglu"
+        self.swiglu = config.ffn in ("swiglu", "geglu")  # gated: down(act(gate(x)) * up(x))
         if self.swiglu:
             self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
@@ -233,6 +312,8 @@ class MLP(nn.Module):
         self.down_proj.residual = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ffn == "geglu":
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.ffn == "relu2_mlp":  # modded-nanogpt's ReLU squared
@@ -241,17 +322,34 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer. The norms carry Hugging Face's names for each placement: with "pre", the
+    post_attention_layernorm is the MLP's input norm (Llama's naming); with "post" and "sandwich" it
+    normalises the attention's output, as in OLMo 2 and Gemma."""
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = Norm(config)
+        self.placement = config.norm_placement
+        if self.placement != "post":
+            self.input_layernorm = Norm(config)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = Norm(config)
+        if self.placement == "sandwich":
+            self.pre_feedforward_layernorm = Norm(config)
+        if self.placement != "pre":
+            self.post_feedforward_layernorm = Norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, pos, rope, cache, mask, attn_weights):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), pos, rope, cache, mask, attn_weights))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        attn = lambda h: self.self_attn(h, pos, rope, cache, mask, attn_weights)  # noqa: E731
+        if self.placement == "pre":
+            x = x + self.dropout(attn(self.input_layernorm(x)))
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        if self.placement == "post":
+            x = x + self.dropout(self.post_attention_layernorm(attn(x)))
+            return x + self.dropout(self.post_feedforward_layernorm(self.mlp(x)))
+        x = x + self.dropout(self.post_attention_layernorm(attn(self.input_layernorm(x))))
+        return x + self.dropout(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
 
 
 class Transformer(nn.Module):
@@ -263,6 +361,10 @@ class Transformer(nn.Module):
             self.embed_positions = nn.Embedding(config.block_size, config.d_model)
         else:
             self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+            if config.local_rope_theta is not None:
+                self.register_buffer(
+                    "inv_freq_local", rope_inv_freq(config, config.local_rope_theta), persistent=False
+                )
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = Norm(config)
@@ -285,6 +387,16 @@ class Transformer(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def init_rope(self) -> None:
+        """Recompute the RoPE tables (buffers that are not saved: after `to_empty`, for instance)."""
+        if self.config.pos != "rope":
+            return
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        if self.config.local_rope_theta is not None:
+            self.inv_freq_local = rope_inv_freq(self.config, self.config.local_rope_theta).to(
+                self.inv_freq.device
+            )
 
     def hidden(
         self,
@@ -315,21 +427,30 @@ class Transformer(nn.Module):
         if self.config.pos == "learned" and last >= self.config.block_size:
             raise ValueError(f"position {last} is beyond the context of {self.config.block_size} tokens")
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
-        rope = None
-        if self.config.pos == "learned":
+        c = self.config
+        if c.embed_scale:  # Gemma: sqrt(d_model), rounded to the activations' dtype as Gemma does
+            x = x * torch.tensor(c.d_model**0.5, dtype=x.dtype)
+        rope = rope_local = None
+        if c.pos == "learned":
             x = x + self.embed_positions(pos)
         else:
-            freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D): HF rotate-half layout
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
-        mask = None  # without a cache: causal
+            rope = _rope_tables(pos, self.inv_freq, x.dtype)
+            if c.local_rope_theta is not None:
+                rope_local = _rope_tables(pos, self.inv_freq_local, x.dtype)
+        mask = local = None  # without a cache: causal
         if cache is not None:  # query at position p sees slots 0..p of its own row: (B, 1, T, S)
-            mask = torch.arange(last + 1, device=device)[None, None, None, :] <= pos[:, None, :, None]
+            keys = torch.arange(last + 1, device=device)[None, None, None, :]
+            mask = keys <= pos[:, None, :, None]
+        if c.sliding_window is not None:  # and only the last `sliding_window` of them in a local layer
+            keys = keys if cache is not None else pos[:, None, None, :]
+            local = (keys <= pos[:, None, :, None]) & (pos[:, None, :, None] - keys < c.sliding_window)
         x = self.drop(x)
         for block in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = block(x, pos, rope, cache, mask, attn_weights)
+            a = block.self_attn
+            r = (rope_local if a.window is not None and rope_local is not None else rope) if a.rope else None
+            x = block(x, pos, r, cache, local if a.window is not None else mask, attn_weights)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)
@@ -362,4 +483,12 @@ class Transformer(nn.Module):
         return self.lm_head.weight is self.embed_tokens.weight
 
 
-__all__ = ["FFNS", "Block", "ModelConfig", "Transformer"]
+def _rope_tables(
+    pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = pos[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D): HF rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+__all__ = ["FFNS", "NORM_PLACEMENTS", "Block", "ModelConfig", "Transformer"]
