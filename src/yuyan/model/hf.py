@@ -235,9 +235,13 @@ def _rope(c: _Cfg) -> dict:
     params = c("rope_parameters", {}, dict) or c("rope_scaling", {}, dict)
     theta = c("rope_theta", None, float) or float(params.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        raise UserError(f"{c.source}: rope scaling {kind!r} is not supported (default and llama3 are)")
+    if kind not in ("default", "linear", "llama3"):
+        raise UserError(
+            f"{c.source}: rope scaling {kind!r} is not supported (default, linear and llama3 are)"
+        )
     scaling = None
+    if kind == "linear":
+        scaling = {"rope_type": "linear", "factor": float(params["factor"])}
     if kind == "llama3":
         scaling = {
             k: params[k]
@@ -380,13 +384,13 @@ def _gemma3_config(c: _Cfg) -> dict:
     # type (transformers 5) or rope_theta + rope_local_base_freq (4.x)
     params = c("rope_parameters", {}, dict)
     full, local = params.get("full_attention", {}), params.get("sliding_attention", {})
-    for kind in (full, local):
-        if kind.get("rope_type", "default") != "default":
-            raise UserError(f"{c.source}: Gemma 3 rope scaling {kind.get('rope_type')!r} is not supported")
-    theta = full.get("rope_theta", c("rope_theta", 1_000_000.0, float))
+    if not params:  # 4.x: rope_scaling (linear, on the global layers) beside rope_theta
+        full = {**c("rope_scaling", {}, dict), "rope_theta": c("rope_theta", 1_000_000.0, float)}
+    if local.get("rope_type", "default") != "default":
+        raise UserError(f"{c.source}: Gemma 3 local rope scaling {local.get('rope_type')!r} is not supported")
     local_theta = local.get("rope_theta", c("rope_local_base_freq", 10_000.0, float))
-    plain = {k: v for k, v in c.raw.items() if k not in ("rope_parameters", "rope_scaling")}
-    cfg = _gemma_config(_Cfg({**plain, "rope_theta": float(theta)}, c.source), c("sliding_window_pattern", 6))
+    plain = {k: v for k, v in c.raw.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    cfg = _gemma_config(_Cfg({**plain, "rope_parameters": full}, c.source), c("sliding_window_pattern", 6))
     return {**cfg, "qk_norm": True, "local_rope_theta": float(local_theta)}
 
 
@@ -741,8 +745,13 @@ def ours_config_to_hf(
             local_theta = c.local_rope_theta or c.rope_theta
             out.update(
                 rope_local_base_freq=local_theta,  # transformers 4.x; 5.x reads rope_parameters
+                rope_scaling=c.rope_scaling,
                 rope_parameters={
-                    "full_attention": {"rope_type": "default", "rope_theta": c.rope_theta},
+                    "full_attention": {
+                        "rope_type": "default",
+                        "rope_theta": c.rope_theta,
+                        **(c.rope_scaling or {}),
+                    },
                     "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
                 },
             )
@@ -877,8 +886,9 @@ def export_hf(
         raise UserError(
             f"this model exports as HF {auto!r}, not {family!r}: its config fixes the architecture"
         )
-    if model.config.rope_scaling and auto != "llama":
-        raise UserError(f"rope_scaling is only exported for llama models, not {auto}")
+    kind = (model.config.rope_scaling or {}).get("rope_type")
+    if kind and not (auto == "llama" or (auto == "gemma3_text" and kind == "linear")):
+        raise UserError(f"{kind} rope_scaling is exported for llama (and linear for gemma3_text), not {auto}")
     check_tokenizer(tokenizer, model.config, "the export")
     sd = ours_to_hf(model, auto)
     chat = isinstance(lm_or_model, LanguageModel) and lm_or_model.meta.get("task") == "sft"

@@ -43,7 +43,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     pos: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama-3 style {"rope_type": "llama3", "factor": ..., ...}
+    # Llama-3 style {"rope_type": "llama3", "factor": ..., ...}, or {"rope_type": "linear", "factor": f}
+    # (positions divided by f: Gemma 3's global layers); never applied to the local layers' local_rope_theta
+    rope_scaling: dict | None = None
     bias: bool = True  # biases in linear layers and LayerNorm
     qkv_bias: bool | None = None  # None: = bias (Qwen2 has qkv bias without other biases)
     tie_embeddings: bool = True
@@ -169,12 +171,14 @@ class ModelConfig:
 
 
 def rope_inv_freq(config: ModelConfig, theta: float | None = None) -> torch.Tensor:
-    """RoPE's inverse frequencies (head_dim / 2,) for base `theta` (default rope_theta), rescaled Llama-3
-    style when `rope_scaling` says so."""
+    """RoPE's inverse frequencies (head_dim / 2,) for base `theta` (default rope_theta, rescaled as
+    `rope_scaling` says; a given theta, the local layers', is never rescaled)."""
     dim = config.head_dim
+    rs = config.rope_scaling if theta is None else None
     theta = config.rope_theta if theta is None else theta
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    rs = config.rope_scaling
+    if rs and rs.get("rope_type", rs.get("type")) == "linear":
+        return inv_freq / rs["factor"]
     if rs and rs.get("rope_type", rs.get("type")) == "llama3":
         # Llama 3.1 frequency rescaling (same rule as HF's _compute_llama3_parameters)
         factor, low, high = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
@@ -186,7 +190,7 @@ def rope_inv_freq(config: ModelConfig, theta: float | None = None) -> torch.Tens
         is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(is_mid, mid, scaled)
     elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-        raise ValueError(f"unsupported rope_scaling {rs}; supported: default, llama3")
+        raise ValueError(f"unsupported rope_scaling {rs}; supported: default, linear, llama3")
     return inv_freq
 
 
