@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.yuyan-installed
 DEMO_ARGS ?=
 
-.PHONY: demo test lint format bench clean venv browser
+.PHONY: demo test lint format bench clean venv browser llama-cpp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 # then the package with its extras; the stamp makes a second run install nothing.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,hub,data,eval]"
+	$(BIN)/pip install -q -e ".[dev,hub,data,eval,gguf]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -28,7 +28,12 @@ browser:
 demo: $(STAMP)
 	$(BIN)/yuyan demo $(DEMO_ARGS)
 
-test: $(STAMP) browser
+# llama.cpp for tests/test_gguf.py: llama-cpp-python built from its sdist once per machine (about 3 min on
+# 2 cores), its wheel cached in ~/.cache/yuyan/wheels; without a compiler the tests skip, loudly
+llama-cpp: $(STAMP)
+	$(BIN)/python tests/test_gguf.py
+
+test: $(STAMP) browser llama-cpp
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -1,7 +1,9 @@
-"""`yuyan convert from-hf|to-hf SRC OUT`: move models between Hugging Face folders and our checkpoints.
+"""`yuyan convert from-hf|to-hf|to-gguf SRC OUT`: move models between Hugging Face folders, our
+checkpoints and GGUF files.
 
-Both commands are thin calls into `yuyan.model.hf`: from-hf loads an HF folder (or downloads `hf:NAME`)
-and saves our checkpoint folder; to-hf loads any model spec and writes a folder that transformers opens.
+All are thin calls into `yuyan.model.hf` / `yuyan.model.gguf`: from-hf loads an HF folder (or downloads
+`hf:NAME`) and saves our checkpoint folder; to-hf loads any model spec and writes a folder that transformers
+opens; to-gguf writes one file that llama.cpp opens.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from yuyan.cli.app import app
 from yuyan.cli.common import FORCE, load_model
 
 convert_app = typer.Typer(
-    help="Convert models between Hugging Face folders and yuyan checkpoints.", no_args_is_help=True
+    help="Convert models between Hugging Face folders, yuyan checkpoints and GGUF files.",
+    no_args_is_help=True,
 )
 app.add_typer(convert_app, name="convert")
 
@@ -61,3 +64,23 @@ def to_hf_cmd(
     lm = load_model(src)
     path = export_hf(lm, None, out, family=family, force=force)
     print(f"wrote {path} (model_type {hf_family(lm.model.config)})")
+
+
+@convert_app.command("to-gguf")
+def to_gguf_cmd(
+    src: str = typer.Argument(..., help="our checkpoint folder (or any model spec yuyan.load accepts)"),
+    out: str = typer.Argument(..., help="GGUF file to write (replaced atomically)"),
+    outtype: str = typer.Option("f32", help="tensor type of the matrices: f32|f16|bf16|q8_0"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+) -> None:
+    """Export a GPT-2- or Llama-family model to a GGUF file for llama.cpp, Ollama and LM Studio.
+
+    Example: yuyan convert to-gguf ./ckpt/demo demo.gguf --outtype q8_0
+    """
+    from yuyan.model.gguf import check_gguf_output, check_outtype, export_gguf, gguf_family
+
+    check_outtype(outtype)
+    check_gguf_output(out, force=force, source=None if src.startswith("hf:") else src)
+    lm = load_model(src)
+    path = export_gguf(lm, out, outtype=outtype, force=force)
+    print(f"wrote {path} (arch {gguf_family(lm.model.config)}, {outtype})")
