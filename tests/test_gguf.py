@@ -255,7 +255,7 @@ def test_llama_cpp_matches_ours(llama_cpp, tokenizer, tmp_path, run_cli, family)
             assert llm.detokenize(lm.tokenizer.encode(text)).decode() == text
         assert llama_greedy(llm, prompt, STEPS) == ours
         diff = np.abs(llama_logits(llm, seq) - ref).max()
-        # measured 1.5e-7 (llama) and 2.7e-4 (gpt2: ggml's GELU reads a float16 table)
+        # measured 1.9e-6 (llama) and 7.7e-5 (gpt2: ggml's GELU reads a float16 table), logits' std 2.3
         assert diff < 2e-3, diff
 
     for outtype, (max_diff, min_greedy, min_text) in LOSSY.items():

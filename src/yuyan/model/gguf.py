@@ -231,7 +231,7 @@ def gguf_family(config: ModelConfig) -> str:
         )
     if config.rope_scaling:
         raise UserError(
-            "GGUF export does not write rope_scaling (llama.cpp's rope_freqs); export a model without it"
+            f"GGUF export does not write rope_scaling ({config.rope_scaling}) yet; export a model without it"
         )
     return family
 
