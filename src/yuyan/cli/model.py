@@ -57,13 +57,16 @@ def to_hf_cmd(
 
     Example: yuyan convert to-hf ./ckpt/demo ./demo-hf
     """
+    import json
+
     from yuyan.fsutil import check_output_dir
-    from yuyan.model.hf import export_hf, hf_family
+    from yuyan.model.hf import export_hf
 
     check_output_dir(out, force=force, sources=(None if src.startswith("hf:") else src,))
     lm = load_model(src)
     path = export_hf(lm, None, out, family=family, force=force)
-    print(f"wrote {path} (model_type {hf_family(lm.model.config)})")
+    written = json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"]
+    print(f"wrote {path} (model_type {written})")
 
 
 @convert_app.command("to-gguf")

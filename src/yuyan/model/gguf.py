@@ -226,8 +226,8 @@ def gguf_family(config: ModelConfig) -> str:
     family = hf_family(config)
     if family not in ("gpt2", "llama"):
         raise UserError(
-            f"GGUF export covers the gpt2 and llama families; this model is {family} (q/k/v biases "
-            "without other biases): export it with `yuyan convert to-hf` and convert that with llama.cpp"
+            f"GGUF export covers the gpt2 and llama families; this model is HF {family}: export it with "
+            "`yuyan convert to-hf` and convert that folder with llama.cpp's convert_hf_to_gguf.py"
         )
     if config.rope_scaling:
         raise UserError(
