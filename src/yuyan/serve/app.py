@@ -3,7 +3,8 @@ scheduler.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with and without
 `stream: true`, server-sent events ending with `data: [DONE]`), POST /v1/inspect/attention (for the
-playground) and the web playground at `/` (static files shipped in the package). `create_app` makes the
+playground) and the web playground at `/` (static files shipped in the package); endpoints.py adds POST
+/v1/embeddings, POST /tokenize, POST /detokenize and GET /metrics. `create_app` makes the
 scheduler, ties it to the app's lifespan, puts the guards in front and installs the error handlers
 (guards.py); the routes are a few lines each over what the app holds (`Server`): a request body becomes
 prompt ids and a `GenerationConfig` (protocol.py), each prompt is one `Scheduler.submit` (job.py), and
@@ -31,7 +32,7 @@ from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig
 from yuyan.generate.scheduler import Scheduler
 from yuyan.model.checkpoint import LanguageModel
-from yuyan.serve import protocol
+from yuyan.serve import endpoints, protocol
 from yuyan.serve.config import ServeConfig
 from yuyan.serve.guards import ApiError, Guard, install_error_handlers
 from yuyan.serve.job import Job
@@ -123,6 +124,7 @@ def create_app(
     app.state.server = Server(lm, sched, config, own=scheduler is None, prompts=prompts)
     app.state.scheduler, app.state.config = sched, config
     app.add_middleware(Guard, config=config, generation_body_bytes=prompts.body_bytes(config.max_n))
+    endpoints.instrument(app)  # after the Guard: its refusals are counted too
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -133,6 +135,7 @@ def _api() -> FastAPI:
     _without_422(app)
     # the routes themselves, not an included router: app.routes then lists every path (the key test walks it)
     app.router.routes.extend(router.routes)
+    endpoints.register(app)
     return app
 
 

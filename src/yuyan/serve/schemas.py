@@ -358,3 +358,80 @@ __all__ = [
     "StreamOptions",
     "error_body",
 ]
+
+
+# ------------------------------------------------------------------------------------------------ endpoints.py
+# The bodies and answers of the embeddings, tokenize and detokenize endpoints (serve/endpoints.py).
+MAX_EMBED_INPUTS = 2048  # OpenAI's bound on the inputs of one embeddings request
+
+
+class EmbeddingRequest(_Strict):
+    """OpenAI's embeddings body. `input` takes the four prompt forms (a text, texts, ids, id lists); an
+    empty input, too many inputs or an input longer than the context is a 400 (endpoints.py checks them,
+    naming the input's index). `dimensions` is accepted only equal to the model's width."""
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(max_length=1_000_000)
+    model: str = Field(max_length=256)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=1_000_000)
+    user: str | None = Field(None, max_length=256)  # changes nothing: accepted and ignored
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's tokenize body, its two forms in one object: `prompt` (with `add_special_tokens`, default
+    true) or chat `messages` (with `add_generation_prompt`, default true, and `tools`), not both."""
+
+    model: str | None = Field(None, max_length=256)
+    prompt: str | None = Field(None, max_length=1_000_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=4096)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's detokenize body."""
+
+    model: str | None = Field(None, max_length=256)
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+class Embedding(_Open):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 with encoding_format "base64"
+
+
+class EmbeddingUsage(_Open):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Open):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class TokenizeResponse(_Open):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class DetokenizeResponse(_Open):
+    prompt: str
+
+
+__all__ += [
+    "DetokenizeRequest",
+    "DetokenizeResponse",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
+    "MAX_EMBED_INPUTS",
+    "TokenizeRequest",
+    "TokenizeResponse",
+]
