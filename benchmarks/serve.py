@@ -9,9 +9,12 @@ batching). Prints one JSON line.
 
 `--mode prefix` measures prefix caching instead: 16 clients send at once a completion (max_tokens 1, greedy,
 token-id prompts) sharing a --prefix-tokens prefix with 8 tokens of their own, first to a server started with
-`--prefix-cache-tokens 0`, then to one with the cache on (each warmed with an unrelated prompt first). The
-figures are the mean and last time to first token (a 1-token completion's latency) of the 16; the ratio is
-uncached over cached mean (goal: >= 3x); the 16 tokens and logprobs must agree.
+`--prefix-cache-tokens 0`, then to one with the cache on (each warmed with an unrelated prompt first), in
+--repeats rounds, each with a new prefix (so the cache starts cold for it: the first request computes the
+prefix, the other 15 reuse it); each client opens its connection before a barrier releases them all, and
+its clock starts at the send. The figures are the mean and last time to first token (a 1-token completion's
+latency) of the 16 in the best round; the ratio is uncached over cached mean (goal: >= 3x); every round's
+tokens and logprobs must agree between the servers. The random model's context is 1024 here.
 
 `--mode structured` measures structured output's cost: one streamed completion (batch 1) of --max-tokens
 under a JSON Schema `response_format` against the same request without it; the overhead is the per-token
@@ -93,16 +96,24 @@ def run_level(
 
 
 def prefix_round(base: str, model: str, prompts: list[list[int]]) -> tuple[list[float], list[tuple]]:
-    """Send every prompt at once (max_tokens 1, greedy); each one's latency and (token, logprob)."""
+    """Send every prompt at once (max_tokens 1, greedy); each one's latency and (token, logprob).
+
+    Each client thread opens its connection (a /health call) before a barrier releases them all, so the
+    figure is the server's time, not the cost of building an HTTP client (~10 ms of CPU each, on the
+    same cores as the server)."""
     times: list[float] = [0.0] * len(prompts)
     got: list[tuple] = [()] * len(prompts)
     errors: list[str] = []
+    ready = threading.Barrier(len(prompts))
 
     def one(i: int) -> None:
         body = {"model": model, "prompt": prompts[i], "max_tokens": 1, "temperature": 0, "logprobs": 1}
-        t0 = time.perf_counter()
-        r = httpx.post(base + "/v1/completions", json=body, timeout=600)
-        times[i] = time.perf_counter() - t0
+        with httpx.Client(base_url=base, timeout=600) as c:
+            c.get("/health")
+            ready.wait()
+            t0 = time.perf_counter()
+            r = c.post("/v1/completions", json=body)
+            times[i] = time.perf_counter() - t0
         if r.status_code != 200:
             errors.append(f"the server answered {r.status_code}: {r.text[:300]}")
             return
@@ -124,8 +135,10 @@ def prefix_mode(args, model_dir: Path) -> dict:
 
     rng = random.Random(0)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    shared = [rng.randrange(vocab) for _ in range(args.prefix_tokens)]
-    prompts = [shared + [rng.randrange(vocab) for _ in range(8)] for _ in range(args.clients)]
+    rounds = []  # each round a new shared prefix, so the cache starts cold for it
+    for _ in range(args.repeats):
+        shared = [rng.randrange(vocab) for _ in range(args.prefix_tokens)]
+        rounds.append([shared + [rng.randrange(vocab) for _ in range(8)] for _ in range(args.clients)])
     warm = [[rng.randrange(vocab) for _ in range(24)]]
     out = {}
     for label, tokens in (("uncached", "0"), ("cached", str(args.prefix_cache_tokens))):
@@ -137,7 +150,10 @@ def prefix_mode(args, model_dir: Path) -> dict:
         try:
             name = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
             prefix_round(base, name, warm)
-            times, got = prefix_round(base, name, prompts)
+            # the round with the lowest mean (the others met other work on the machine); its tokens
+            results = [prefix_round(base, name, prompts) for prompts in rounds]
+            times = min((r[0] for r in results), key=sum)
+            got = [x for r in results for x in r[1]]  # every round's, to compare the two servers
             cache = httpx.get(base + "/health", timeout=10).json()["prefix_cache"]
         finally:
             proc.terminate()
@@ -236,7 +252,7 @@ def structured_mode(args, model_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=["throughput", "prefix", "structured"], default="throughput")
-    ap.add_argument("--repeats", type=int, default=3, help="structured mode: runs of each kind")
+    ap.add_argument("--repeats", type=int, default=3, help="structured and prefix modes: runs of each kind")
     ap.add_argument("--clients", type=int, default=16, help="prefix mode: requests sent at once")
     ap.add_argument("--prefix-tokens", type=int, default=512, help="prefix mode: the shared prefix")
     ap.add_argument("--prefix-cache-tokens", type=int, default=4096, help="prefix mode: the cached server's")
@@ -249,7 +265,9 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model) if args.model else _make_model(Path(tmp), args.preset)
+        # the prefix mode's prompts need a context longer than the demo preset's 128 tokens
+        longer = {"block_size": 1024} if args.mode == "prefix" else {}
+        model_dir = Path(args.model) if args.model else _make_model(Path(tmp), args.preset, **longer)
         if args.mode == "prefix":
             print(json.dumps(prefix_mode(args, model_dir)))
             return

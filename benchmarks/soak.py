@@ -237,7 +237,7 @@ def _rss_kb(pid: int) -> int:
     return -1
 
 
-def _make_model(folder: Path, preset: str) -> Path:
+def _make_model(folder: Path, preset: str, **overrides) -> Path:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -250,7 +250,7 @@ def _make_model(folder: Path, preset: str) -> Path:
 
     tok = Tokenizer.train(small_texts(), vocab_size=1024)
     torch.manual_seed(0)
-    cfg = model_preset(preset, vocab_size=tok.vocab_size)
+    cfg = model_preset(preset, vocab_size=tok.vocab_size, **overrides)
     return save_checkpoint(folder / "tiny", Transformer(cfg), tok)
 
 
