@@ -16,7 +16,7 @@ $(BIN)/python:
 # then the package with its extras; the stamp makes a second run install nothing.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,hub,data,eval,gguf]"
+	$(BIN)/pip install -q -e ".[dev,hub,data,eval,gguf,privacy]"
 	touch $(STAMP)
 
 venv: $(STAMP)

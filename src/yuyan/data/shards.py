@@ -42,6 +42,7 @@ BATCH_BYTES = (
     4 << 20
 )  # text per encode batch: big enough to keep all cores busy, small enough to bound memory
 TMP_PREFIX = ".prepare-tmp-"
+SCRUB_REPORT = "scrub_report.json"
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -92,11 +93,14 @@ def prepare(
     progress: bool = True,
     force: bool = False,
     batch_bytes: int | None = None,
+    scrub: str | None = None,
 ) -> dict:
     """Tokenize corpus `spec` into `out_dir`/{train,val}.bin + meta.json; returns the meta dict.
 
     When meta.json already records the same corpus and tokenizer fingerprints (and the files are whole),
-    nothing is done and the returned meta has `"up_to_date": True` (unless `force`).
+    nothing is done and the returned meta has `"up_to_date": True` (unless `force`). `scrub="pii"` replaces
+    PII and secrets in every document before it is tokenized (yuyan.data.scrub), records that in meta.json
+    (so a run with another setting rebuilds) and writes scrub_report.json beside the shards.
     """
     tok = _as_tokenizer(tokenizer)
     if tok.eot_id is None:
@@ -107,6 +111,7 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for train.bin, val.bin and meta.json")
     dtype = dtype_for(tok.vocab_size)
+    scrubber = _scrubber(scrub)
     want = {
         "format": FORMAT,
         "version": VERSION,
@@ -116,6 +121,7 @@ def prepare(
         "text_field": text_field,
         "extensions": list(extensions) if extensions else None,
         "dtype": dtype.name,
+        "scrub": scrubber.fingerprint if scrubber else None,
     }
     if not force and (meta := _up_to_date(out, want)) is not None:
         if progress:
@@ -131,7 +137,17 @@ def prepare(
     stats = CorpusStats()
     try:
         counts = _tokenize_to(
-            tmp, spec, _ordinary(tok), dtype, text_field, extensions, stats, workers, progress, batch_bytes
+            tmp,
+            spec,
+            _ordinary(tok),
+            dtype,
+            text_field,
+            extensions,
+            stats,
+            workers,
+            progress,
+            batch_bytes,
+            scrubber,
         )
         if counts["train"]["tokens"] == 0:
             raise UserError(
@@ -151,16 +167,36 @@ def prepare(
             "corpus_stats": stats.to_dict(),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if scrubber is not None:
+            meta["scrub_totals"] = scrubber.report.to_dict()["totals"]
         # publish: drop the old meta first (shards without meta.json are never used), then the bins, meta last
         with contextlib.suppress(FileNotFoundError):
             os.remove(out / "meta.json")
         for s in SPLIT_NAMES:
             os.replace(tmp / f"{s}.bin", out / f"{s}.bin")
+        if scrubber is not None:
+            (tmp / SCRUB_REPORT).write_text(
+                json.dumps(scrubber.report.to_dict(), indent=2, ensure_ascii=False)
+            )
+            os.replace(tmp / SCRUB_REPORT, out / SCRUB_REPORT)
+        else:  # a report left by an earlier --scrub run would describe shards that are gone
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(out / SCRUB_REPORT)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         os.replace(tmp / "meta.json", out / "meta.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def _scrubber(scrub: str | None):
+    """The yuyan.data.scrub.Scrubber for `scrub` ("pii"), None for no scrubbing; imported only when asked
+    for, since its detectors are the optional `privacy` extra."""
+    if scrub is None:
+        return None
+    from yuyan.data.scrub import Scrubber
+
+    return Scrubber(scrub)
 
 
 def _progress(enabled: bool):
@@ -187,13 +223,13 @@ def _progress(enabled: bool):
 
 
 def _tokenize_to(
-    tmp, spec, tok, dtype, text_field, extensions, stats, workers, progress, batch_bytes
+    tmp, spec, tok, dtype, text_field, extensions, stats, workers, progress, batch_bytes, scrubber=None
 ) -> dict:
     """Writes tmp/{train,val}.bin for the corpus; returns the per-split token, byte and document counts."""
     workers = max(1, workers or os.cpu_count() or 1)
     batch_bytes = batch_bytes or min(16 << 20, max(BATCH_BYTES, workers << 20))
     total = corpus_size(spec, extensions)
-    batches = _document_batches(spec, text_field, extensions, stats, batch_bytes)
+    batches = _document_batches(spec, text_field, extensions, stats, batch_bytes, scrubber)
     writer = _ShardWriter(tmp, dtype, tok.eot_id)
     try:
         with _progress(progress) as bar, contextlib.closing(_encode_ahead(tok, batches, workers)) as encoded:
@@ -212,16 +248,18 @@ PieceMeta = tuple[str, str, int, int]
 
 
 def _document_batches(
-    spec, text_field, extensions, stats, batch_bytes: int
+    spec, text_field, extensions, stats, batch_bytes: int, scrubber=None
 ) -> Iterator[tuple[list[str], list[PieceMeta]]]:
     """The corpus's document pieces (texts and their metadata) in batches of at least `batch_bytes` of
-    UTF-8 text; the last batch may be smaller."""
+    UTF-8 text; the last batch may be smaller. A `scrubber` (text, source) -> text is applied to each piece
+    here, while the previous batch is being encoded, so the shards hold (and count) only scrubbed text."""
     texts: list[str] = []
     meta: list[PieceMeta] = []
     size = 0
     for doc in iter_documents(spec, "all", text_field, extensions, stats):
-        nbytes = len(doc.text.encode("utf-8"))
-        texts.append(doc.text)
+        text = doc.text if scrubber is None else scrubber(doc.text, doc.source)
+        nbytes = len(text.encode("utf-8"))
+        texts.append(text)
         meta.append((doc.split, doc.source, doc.piece, nbytes))
         size += nbytes
         if size >= batch_bytes:
