@@ -1,4 +1,5 @@
-"""`yuyan eval ...`: perplexity / bits per byte, BLEU, ROUGE, classification, speed, compare, and
+"""`yuyan eval ...`: perplexity / bits per byte, BLEU, ROUGE, classification (and its robustness to
+perturbations), speed, compare, and
 lm-evaluation-harness tasks (`harness`).
 
 Each command is a thin call into `yuyan.evaluate`; it prints the metrics and, with `--out DIR`, writes
@@ -27,7 +28,7 @@ from yuyan.errors import UserError
 from yuyan.generate import GenerationConfig
 
 eval_app = typer.Typer(
-    help="Evaluate a model: perplexity, bleu, rouge, classify, speed, harness (lm-eval); compare two results.",
+    help="Evaluate a model: perplexity, bleu, rouge, classify, robustness, speed, harness (lm-eval); compare two results.",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
@@ -305,6 +306,42 @@ def classify_cmd(
     print("confusion (rows: true, columns: predicted; order " + ", ".join(r["labels"]) + ")")
     for lab, row in zip(r["labels"], r["confusion"], strict=True):
         print(f"  {lab:>12} " + " ".join(f"{v:6d}" for v in row))
+
+
+@eval_app.command("robustness")
+def robustness_cmd(
+    model: str = MODEL,
+    data: Path = typer.Option(..., "--data", help="CSV or JSONL with text and label columns"),
+    attacks: str = typer.Option(
+        "typo,homoglyph,synonym,zh_homophone,zh_similar", "--attacks", help="comma list of perturbations"
+    ),
+    rate: float = typer.Option(
+        0.1, "--rate", help="fraction of each text's eligible words/characters changed"
+    ),
+    seed: int = typer.Option(0, "--seed", help="perturbations are reproducible by seed"),
+    text_field: str = typer.Option("text", help="text column"),
+    label_field: str = typer.Option("label", help="label column"),
+    batch_size: int = typer.Option(32, help="texts per forward pass"),
+    out: Path = OUT,
+    force: bool = FORCE,
+) -> None:
+    """Accuracy of a fine-tuned classifier clean and under typos, homoglyphs, synonyms and Chinese
+    homophone / look-alike swaps, with each attack's success rate (originally right items it flips).
+
+    Example: yuyan eval robustness --model runs/sentiment/final --data test.csv --rate 0.1 --out runs/eval
+    """
+    from yuyan.evaluate.classify import read_labelled
+    from yuyan.evaluate.report import make_result
+    from yuyan.evaluate.robustness import evaluate_robustness, parse_attacks
+    from yuyan.model.heads import Classifier
+
+    names = parse_attacks(attacks)
+    _claim(out, force, model)
+    examples = read_labelled(data, text_field, label_field)
+    clf = Classifier.from_pretrained(model)
+    r = evaluate_robustness(clf, examples, names, rate, seed, batch_size)
+    settings = {"data": str(data), "attacks": names, "rate": rate, "seed": seed}
+    _emit(make_result("robustness", model, r, settings), out)
 
 
 @eval_app.command("speed")
