@@ -2,7 +2,8 @@
 
 A thin adapter over `yuyan.train.finetune.finetune`; training settings come from the TrainConfig
 dataclass (an optional --config TOML plus `--section.key value` overrides, e.g. `--train.lr 1e-4`), with
-the most common ones (--max-steps, --max-time, --lr, --batch-size) as direct options.
+the most common ones (--max-steps, --max-time, --lr, --batch-size) and the DP ones (--dp-epsilon,
+--dp-delta, --dp-max-grad-norm: the [privacy] section) as direct options.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def finetune_cmd(
     max_time: float | None = typer.Option(None, "--max-time", help="seconds of training"),
     lr: float | None = typer.Option(None, "--lr"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
+    dp_epsilon: float | None = typer.Option(
+        None, "--dp-epsilon", help="differentially private training (Opacus DP-SGD) to this epsilon"
+    ),
+    dp_delta: float | None = typer.Option(None, "--dp-delta", help="DP delta (default 1e-5)"),
+    dp_max_grad_norm: float | None = typer.Option(
+        None, "--dp-max-grad-norm", help="DP per-example gradient clipping bound (default 1.0)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUT"),
     force: bool = FORCE,
 ) -> None:
@@ -92,11 +100,15 @@ def finetune_cmd(
         ("train.max_time", max_time),
         ("train.lr", lr),
         ("train.batch_size", batch_size),
+        ("privacy.epsilon", dp_epsilon),
+        ("privacy.delta", dp_delta),
+        ("privacy.max_grad_norm", dp_max_grad_norm),
     ):
         if val is not None:
             overrides[key] = str(val)
     cfg = from_dict(TrainConfig, load_toml(config), str(config)) if config else default_train_config()
     cfg = apply_overrides(cfg, overrides)
+    cfg.validate()  # bad settings (a DP epsilon <= 0, ...) before the model is loaded
     lora = None
     if lora_rank > 0:
         lora = LoRAConfig(
@@ -127,6 +139,7 @@ def finetune_cmd(
             "trainable_params",
             "total_params",
             "interrupted",
+            "privacy",
         )
     }
     typer.echo(json.dumps(summary, ensure_ascii=False, default=str))

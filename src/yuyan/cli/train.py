@@ -43,6 +43,8 @@ Example:
 
   torchrun --nproc_per_node=2 -m yuyan train --config configs/demo.toml --distributed ddp
 
+  yuyan train --config configs/demo.toml --dp-epsilon 8 --dp-delta 1e-5 --checkpoint.dir runs/dp
+
 Settings (--section.key value):
 
 {settings_help()}
@@ -58,12 +60,27 @@ def train_cmd(
     resume: bool = typer.Option(
         False, "--resume", help="continue from the newest checkpoint in checkpoint.dir"
     ),
+    dp_epsilon: float | None = typer.Option(
+        None, "--dp-epsilon", help="differentially private training (Opacus DP-SGD) to this epsilon"
+    ),
+    dp_delta: float | None = typer.Option(None, "--dp-delta", help="DP delta (privacy.delta, default 1e-5)"),
+    dp_max_grad_norm: float | None = typer.Option(
+        None, "--dp-max-grad-norm", help="DP per-example clipping bound (privacy.max_grad_norm)"
+    ),
     force: bool = FORCE,
 ) -> None:
     from yuyan.config import parse_overrides
     from yuyan.train.pretrain import load_train_config, train
 
-    cfg = load_train_config(config, parse_overrides(list(ctx.args)))
+    overrides = parse_overrides(list(ctx.args))
+    for key, val in (
+        ("privacy.epsilon", dp_epsilon),
+        ("privacy.delta", dp_delta),
+        ("privacy.max_grad_norm", dp_max_grad_norm),
+    ):
+        if val is not None:
+            overrides[key] = str(val)
+    cfg = load_train_config(config, overrides)
     with run_folder(cfg.checkpoint.dir, force, cfg.data.corpus, command="train"):
         train(cfg, resume=resume)
 

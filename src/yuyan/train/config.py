@@ -1,4 +1,5 @@
-"""The training config: one dataclass per TOML section ([model], [data], [train], [eval], [checkpoint]).
+"""The training config: one dataclass per TOML section ([model], [data], [train], [eval], [checkpoint],
+[privacy]).
 
 `TrainConfig` is what `yuyan train --config FILE.toml --section.key value` fills (through yuyan.config);
 `config_to_toml` writes the resolved config beside the checkpoints as train_config.toml, which loads back
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,12 +93,48 @@ class CheckpointSection:
 
 
 @dataclass
+class PrivacySection:
+    """Differentially private training (yuyan.train.privacy, through Opacus); off while epsilon is None."""
+
+    epsilon: float | None = None  # the target epsilon; the noise is calibrated to reach it at train.max_steps
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # the per-example gradient clipping bound C
+    accountant: str = "rdp"  # rdp | prv (Opacus' accountants)
+
+    def enabled(self) -> bool:
+        return self.epsilon is not None
+
+    def problems(self, cfg: TrainConfig) -> list[tuple[bool, str]]:
+        """(ok, message) checks of the DP settings and of the training settings DP cannot honour."""
+        if self.epsilon is None:
+            return []
+        t = cfg.train
+        return [
+            (math.isfinite(self.epsilon) and self.epsilon > 0, "privacy.epsilon (--dp-epsilon) must be > 0"),
+            (0 < self.delta < 1, "privacy.delta (--dp-delta) must be in (0, 1), e.g. 1e-5"),
+            (self.max_grad_norm > 0, "privacy.max_grad_norm (--dp-max-grad-norm) must be > 0"),
+            (self.accountant in ("rdp", "prv"), "privacy.accountant must be rdp or prv"),
+            (
+                t.grad_accum == 1,
+                "DP trains on one Poisson-sampled batch per step: set train.grad_accum 1 and raise "
+                "train.batch_size (the expected batch) instead",
+            ),
+            (cfg.distributed in ("auto", "none"), "DP training runs in one process: set distributed none"),
+            (t.precision in ("auto", "fp32"), "DP training runs in fp32: set train.precision fp32 (or auto)"),
+            (t.optimizer == "adamw", "DP training supports train.optimizer adamw only"),
+            (not t.compile, "DP training does not support train.compile"),
+            (t.max_steps > 0, "DP needs train.max_steps > 0: the noise is calibrated to the number of steps"),
+        ]
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     distributed: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp
 
     def validate(self) -> None:
@@ -119,6 +157,7 @@ class TrainConfig:
             (len(t.betas) == 2, "train.betas takes two numbers, e.g. 0.9,0.95"),
             (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),
             (self.distributed in D.STRATEGIES, f"distributed must be one of {', '.join(D.STRATEGIES)}"),
+            *self.privacy.problems(self),
         ]
         for ok, msg in checks:
             if not ok:

@@ -7,8 +7,10 @@ everything else: the optimizer over the trainable parameters (AdamW, or Muon + A
 cosine/WSD schedule (optionally fitted to a wall-clock budget), gradient accumulation and clipping, bf16
 autocast where a timed matmul says it pays (train.precision), periodic evaluation, metrics.jsonl, a
 loss-curve PNG, atomic checkpoints (keep-last-K + best), exact resume, SIGINT = save and
-stop. `fit()` reads top to bottom; the pieces it calls below it each own one concern (the counters, the
-time budget, the checkpoints, the run's files).
+stop; with cfg.privacy.epsilon set, DP-SGD steps instead (yuyan.train.privacy: Poisson batches, per-example
+clipping and noise, the epsilon spent logged, printed and saved in the checkpoint meta). `fit()` reads top
+to bottom; the pieces it calls below it each own one concern (the counters, the time budget, the
+checkpoints, the run's files).
 
 Data order: every rank draws the *global* batch (batch_size x world_size rows) from one torch.Generator with
 the same seed and keeps its own slice, so N processes with batch B see exactly the windows of one process
@@ -73,6 +75,7 @@ from yuyan.model.precision import choose as choose_precision
 from yuyan.train import distributed as D
 from yuyan.train.config import PRECISIONS, TrainConfig, TrainSection, config_to_toml
 from yuyan.train.optim import build_optimizer, lr_at, set_lr
+from yuyan.train.privacy import DPTrainer, describe, make_private
 
 Export = Callable[[nn.Module], tuple[nn.Module, dict, dict]]
 
@@ -114,7 +117,7 @@ def fit(
     "final_dir", "metrics", "plot", "interrupted"}.
     """
     cfg.validate()
-    tc, ec, cc = cfg.train, cfg.eval, cfg.checkpoint
+    tc, ec, cc = _train_section(cfg), cfg.eval, cfg.checkpoint
     out = Path(out_dir or cc.dir)
     info = D.init(cfg.distributed, tc.device)
     console = Console(stderr=True, quiet=not info.is_main)  # rank 0 speaks for the run
@@ -122,7 +125,7 @@ def fit(
     # ---- resume: weights into the plain model before any wrapping, then optimizer, data order and counters
     # one run per folder: the lock is held until fit returns (or its frame is freed after an exception)
     tstate, run_lock = _load_for_resume(out, resume, model, export, info.is_main, console)
-    parts = _prepare_model(model, tc, info, tstate, console)
+    parts = _prepare_model(model, tc, info, tstate, console, _Private(task, cfg))
     data_gen = torch.Generator().manual_seed(tc.seed)
     _restore_training_state(tstate, parts, data_gen, task, info, console)
     files = _RunFiles(out, info.is_main, config_to_toml(cfg), tstate)
@@ -143,7 +146,7 @@ def fit(
             state.advance(step_tokens)
 
             if state.step % tc.log_every == 0 or state.step == state.total_steps:
-                row = running.row(state, lr, info)
+                row = {**running.row(state, lr, info), **parts.privacy_row()}
                 files.log(row)
                 progress.update(bar, info=f"loss {row['loss']:.3f} lr {lr:.2e} {row['tok_per_s']:,.0f} tok/s")
             progress.update(bar, completed=state.step)
@@ -179,7 +182,9 @@ def fit(
             + (f", {final['bpb']:.4f} bits/byte, perplexity {final['ppl']:.2f}" if "bpb" in final else "")
         )
     D.shutdown(info)
-    return _summary(state, train_elapsed, out, files, final, final_dir, interrupted, parts)
+    return _close_private(
+        parts, _summary(state, train_elapsed, out, files, final, final_dir, interrupted, parts), console
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -243,13 +248,32 @@ class _TrainedModel:
     params: list[nn.Parameter]  # the trainable ones, for clipping
     save_copy: nn.Module | None  # FSDP on rank 0: a whole copy that the gathered weights are loaded into
     precision: PrecisionChoice = PrecisionChoice("fp32", "default")  # the autocast format of forward/backward
+    dp: DPTrainer | None = None  # DP-SGD's hooks, noisy optimizer, sampler and accountant (cfg.privacy)
+
+    def privacy_row(self) -> dict:
+        """The metrics row's DP fields: the epsilon spent so far (none without DP)."""
+        return {"epsilon": self.dp.epsilon()} if self.dp is not None else {}
+
+
+@dataclass
+class _Private:
+    """What wrapping a run for DP needs besides the model (the task's examples, cfg.privacy)."""
+
+    task: Task
+    cfg: TrainConfig
 
 
 def _prepare_model(
-    model: nn.Module, tc: TrainSection, info: D.DistInfo, tstate: dict | None, console: Console
+    model: nn.Module,
+    tc: TrainSection,
+    info: D.DistInfo,
+    tstate: dict | None,
+    console: Console,
+    private: _Private,
 ) -> _TrainedModel:
     """Move `model` to this rank's device, wrap it for DDP/FSDP, compile it if asked, build the optimizer,
-    resolve the precision (and say which, and why)."""
+    resolve the precision (and say which, and why); with cfg.privacy on, wrap model and optimizer for DP-SGD
+    (yuyan.train.privacy; a resumed run's accountant counts its steps so far)."""
     dev = info.device
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -265,7 +289,29 @@ def _prepare_model(
     params = [p for p in model.parameters() if p.requires_grad]
     precision = resolve_precision(tc, dev, model, tstate)
     console.print(f"precision: {precision.name} ({precision.reason}); optimizer: {tc.optimizer}")
-    return _TrainedModel(model, wrapped, train_model, optimizer, params, save_copy, precision)
+    dp = None
+    if private.cfg.privacy.enabled():
+        steps_done = int(tstate["step"]) if tstate is not None else 0
+        dp = make_private(model, optimizer, private.task, private.cfg, info.world_size, steps_done)
+        console.print(describe(dp))
+    return _TrainedModel(model, wrapped, train_model, optimizer, params, save_copy, precision, dp)
+
+
+def _train_section(cfg: TrainConfig) -> TrainSection:
+    """cfg.train, with precision fp32 under DP (its steps run without autocast)."""
+    return dataclasses.replace(cfg.train, precision="fp32") if cfg.privacy.enabled() else cfg.train
+
+
+def _close_private(parts: _TrainedModel, summary: dict, console: Console) -> dict:
+    """Under DP: the epsilon spent into fit's summary and printed, and Opacus' hooks off the model."""
+    dp = parts.dp
+    if dp is not None:
+        summary["privacy"] = dp.report()
+        console.print(
+            f"privacy: epsilon {dp.epsilon():.3f} spent at delta {dp.settings.delta:g} ({dp.steps} steps)"
+        )
+        dp.close()
+    return summary
 
 
 def _train_step(
@@ -278,11 +324,13 @@ def _train_step(
     loss_sum: torch.Tensor,
 ) -> int:
     """One optimizer step at learning rate `lr` over `grad_accum` micro-batches, each this rank's slice of
-    the global batch.
+    the global batch (under DP, DP-SGD's step on a Poisson batch instead: yuyan.train.privacy).
 
     Adds each micro-batch's loss (divided by grad_accum) into `loss_sum` in place, and returns the tokens
     the step trained on across all ranks, as the shape of its first micro-batch says.
     """
+    if parts.dp is not None:
+        return parts.dp.train_step(parts.raw, data_gen, info.device, lr, loss_sum)
     micro, world, accum, dev = tc.batch_size, info.world_size, tc.grad_accum, info.device
     set_lr(parts.optimizer, lr)
     tokens = 0
@@ -488,6 +536,10 @@ class _Checkpointer:
             state.saved_step, self.last_t = state.step, time.perf_counter()
         return path
 
+    def _privacy_meta(self) -> dict:
+        """Under DP, the epsilon spent up to this checkpoint and how (yuyan.train.privacy)."""
+        return {"privacy": self.parts.dp.report()} if self.parts.dp is not None else {}
+
     def _write(
         self, path: Path, state: _TrainState, val, sd_full: dict | None, optim_sd: dict | None
     ) -> None:
@@ -515,7 +567,13 @@ class _Checkpointer:
             path,
             m,
             self.tokenizer,
-            meta={**self.meta, **emeta, "step": state.step, "val": val or {}},
+            meta={
+                **self.meta,
+                **self._privacy_meta(),
+                **emeta,
+                "step": state.step,
+                "val": val or {},
+            },
             extra_tensors=extra,
             trainer_state=trainer_state,
             state=info_state,
