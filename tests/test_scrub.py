@@ -78,7 +78,10 @@ LOOKALIKES = [
 
 def planted(rng: random.Random) -> dict[str, list[str]]:
     return {
-        "email": [f"user{rng.randint(0, 999)}.name@mail-{rng.randint(0, 99)}.example.org", "zhang.wei@qq.com"],
+        "email": [
+            f"user{rng.randint(0, 999)}.name@mail-{rng.randint(0, 99)}.example.org",
+            "zhang.wei@qq.com",
+        ],
         "phone": [
             f"138{rng.randint(10000000, 99999999)}",
             "139-1234-5678",
