@@ -12,7 +12,7 @@ import sys
 
 # each module adds its commands to `app` when imported, in this order in `yuyan --help`
 # isort: off
-from yuyan.cli import tokenizer, data, model, train, generate, finetune, evaluate, inspect, serve, apps  # noqa: F401
+from yuyan.cli import tokenizer, data, model, train, generate, finetune, evaluate, inspect, audit, serve, apps  # noqa: F401
 
 # isort: on
 from yuyan.cli.app import app
