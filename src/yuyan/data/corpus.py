@@ -80,7 +80,8 @@ DEFAULT_EXTENSIONS = (
 )
 # record files: one text per record (a JSONL line, a Parquet or Arrow row), keyed "base.jsonl:n" for the split
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
-RECORD_BATCH = 1024  # Parquet rows decoded at a time
+RECORD_BATCH = 1024  # Parquet rows decoded at a time, at most
+RECORD_BATCH_BYTES = 4 << 20  # and about this much text (rows of 67 KB would make 1024 rows 69 MB)
 DATA_EXTRA = "pip install 'yuyan[data]'"
 STDLIB_EXCLUDE = {"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__"}
 VAL_PERCENT = 5
@@ -616,14 +617,18 @@ def _text_column(key: str, schema, text_field: str) -> None:
 
 
 def _column(key: str, f: BinaryIO, suffix: str, text_field: str) -> Iterator[str | None]:
-    """The values of a text column, one record batch at a time: a Parquet file's `RECORD_BATCH` rows of that
-    column only (pages read through a 1 MB buffer), an Arrow file's batches as written (a datasets folder
-    writes 1000 rows per batch), each read into memory of its own and dropped after use."""
+    """The values of a text column, one record batch at a time: a Parquet file's rows of that column only,
+    `RECORD_BATCH_BYTES` of text a batch by the footer's sizes (at most `RECORD_BATCH` rows; pages read
+    through a 1 MB buffer), an Arrow file's batches as written (a datasets folder writes 1000 rows per
+    batch). Each value becomes a Python string only when it is taken, so a batch is held once, as Arrow."""
     pa = _pyarrow()
     if suffix == ".parquet":
         pf = pa.parquet.ParquetFile(f, buffer_size=READ_BYTES, pre_buffer=False)
         _text_column(key, pf.schema_arrow, text_field)
-        batches = pf.iter_batches(batch_size=RECORD_BATCH, columns=[text_field], use_threads=False)
+        md = pf.metadata
+        size = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+        rows = max(1, min(RECORD_BATCH, RECORD_BATCH_BYTES * md.num_rows // max(1, size)))
+        batches = pf.iter_batches(batch_size=rows, columns=[text_field], use_threads=False)
     else:
         batches = _arrow_batches(f)
         first = next(batches, None)
@@ -632,7 +637,9 @@ def _column(key: str, f: BinaryIO, suffix: str, text_field: str) -> Iterator[str
         _text_column(key, first.schema, text_field)
         batches = itertools.chain([first], batches)
     for batch in batches:
-        yield from batch.column(text_field).to_pylist()
+        col = batch.column(text_field)
+        for i in range(len(col)):
+            yield col[i].as_py()
 
 
 def _arrow_batches(f: BinaryIO):
