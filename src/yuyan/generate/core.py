@@ -26,7 +26,7 @@ from torch import nn
 
 from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig, TokenLogprob
-from yuyan.generate.grammar import Constraint, compile_grammar, fill_masks, mask_bias
+from yuyan.generate.grammar import Constraint, MaskBuffer, compile_grammar
 from yuyan.generate.prefix import PrefixCache
 from yuyan.generate.rows import Row
 from yuyan.generate.sampling import (
@@ -273,6 +273,7 @@ class Decoder:
         # decode to nothing, so choose() never picks them; None when every id is the tokenizer's
         n_tok = tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size
         self._decodable = n_tok if n_tok < model.config.vocab_size else None
+        self._masks: MaskBuffer | None = None  # grammar masks, allocated at the first constrained step
 
     @property
     def free(self) -> int:
@@ -426,12 +427,12 @@ class Decoder:
             return logits
         cons = [self.rows[i].constraint for i in idx]
         V = logits.shape[-1]
-        bitmask = torch.zeros(len(idx), (V + 31) // 32, dtype=torch.int32)
-        fill_masks(cons, bitmask)
+        if self._masks is None or self._masks.V != V:
+            self._masks = MaskBuffer(self.max_rows, V)
+        bias = self._masks.bias(cons)  # a view of the buffer, used before the next step refills it
         for i, c in zip(idx, cons, strict=True):
             if c.error is not None:
                 self.rows[i].error, self.rows[i].finish = f"the grammar failed: {c.error}", "error"
-        bias = mask_bias(bitmask, V)
         if len(idx) < len(self.rows):  # unconstrained rows allow everything
             full = torch.zeros(len(self.rows), V)
             full[torch.tensor(idx)] = bias

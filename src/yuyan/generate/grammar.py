@@ -145,15 +145,48 @@ class Constraint:
         self.matcher.consume_token(tok)
 
 
-def fill_masks(constraints: list[Constraint], bitmask: torch.Tensor) -> None:
-    """Write each constraint's allowed next tokens into bitmask[i] ((C, ceil(V/32)) int32; bit j of word w
-    is token 32w + j); several at once in llguidance's threads, outside the GIL."""
-    import llguidance.torch as llt
-
+def next_token_bits(constraints: list[Constraint], vocab_size: int) -> np.ndarray:
+    """(C, ceil(V/32)) int32: constraint i's allowed next tokens in row i (bit j of word w is token 32w + j),
+    written by llguidance straight into the array (several constraints at once in its threads, outside the
+    GIL). No torch wrapper: in a decode step each library call runs with cold caches after the forward
+    pass, so calls, not arithmetic, are much of the cost."""
+    words = (vocab_size + 31) // 32
+    bits = np.empty((len(constraints), words), np.int32)
     if len(constraints) == 1:
-        llt.fill_next_token_bitmask(constraints[0].matcher, bitmask, 0)
-        return
-    llt.fill_next_token_bitmask_par(_executor(), [(c.matcher, i) for i, c in enumerate(constraints)], bitmask)
+        constraints[0].matcher.unsafe_compute_mask_ptr(bits.ctypes.data, words * 4)
+    else:
+        pairs = [(c.matcher, i) for i, c in enumerate(constraints)]
+        _executor().unsafe_compute_mask_ptr(pairs, bits.ctypes.data, words * 4, len(constraints))
+    return bits
+
+
+class MaskBuffer:
+    """The decode core's per-step masks for up to `rows` constrained rows, in arrays allocated once (their
+    addresses taken once): `bias(constraints)` is (C, V) float32 0/-inf, the same as
+    `mask_bias(next_token_bits(constraints, V), V)` with no allocation or pointer lookup per step."""
+
+    def __init__(self, rows: int, vocab_size: int):
+        self.V, self.words = vocab_size, (vocab_size + 31) // 32
+        self.bits = np.empty((rows, self.words), np.int32)
+        self.ptr = self.bits.ctypes.data
+        self.out = np.empty((rows, self.words * 4, 8), np.float32)
+
+    def bias(self, constraints: list[Constraint]) -> torch.Tensor:
+        C = len(constraints)
+        if C == 1:
+            constraints[0].matcher.unsafe_compute_mask_ptr(self.ptr, self.words * 4)
+        else:
+            pairs = [(c.matcher, i) for i, c in enumerate(constraints)]
+            _executor().unsafe_compute_mask_ptr(pairs, self.ptr, self.words * 4, C)
+        if sys.byteorder != "little":
+            return mask_bias(self.bits[:C], self.V)
+        np.take(_BYTE_BIAS, self.bits[:C].view(np.uint8), axis=0, out=self.out[:C])
+        return torch.from_numpy(self.out[:C].reshape(C, -1)[:, : self.V])
+
+
+def fill_masks(constraints: list[Constraint], bitmask: torch.Tensor) -> None:
+    """`next_token_bits` into a (C, ceil(V/32)) int32 tensor."""
+    bitmask.copy_(torch.from_numpy(next_token_bits(constraints, 32 * bitmask.shape[1])))
 
 
 @lru_cache(1)
@@ -163,26 +196,35 @@ def _executor():
     return llguidance.LLExecutor()
 
 
-_NEG_INF_BITS = -8388608  # 0xFF800000 as int32: the bits of float32 -inf
+# every byte's 8 bits (least significant first) as float32 0 (set) or -inf (clear): one table lookup per
+# byte turns a bitmask into the additive mask, branch-free, in one numpy call
+_BYTE_BIAS = np.where(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little"), 0.0, -np.inf
+).astype(np.float32)
 
 
-def mask_bias(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def mask_bias(bitmask: torch.Tensor | np.ndarray, vocab_size: int) -> torch.Tensor:
     """(C, W) int32 bitmask -> (C, vocab_size) float32: 0 where the grammar allows the token, -inf where not
     (bit j of word w is token 32w + j). Added to the logits, it masks them.
 
-    Branch-free, so its cost does not depend on the mask: each allowed bit b becomes the int32
-    (b - 1) & bits(-inf), i.e. 0 or -inf. A select (torch.where) mispredicts on ragged masks: 100 us at 32k
-    tokens against 13 us here. On a little-endian host a word's bytes are its bits 0-7, 8-15, ..., so numpy
-    unpacks them in one pass; other hosts shift."""
-    if sys.byteorder == "little" and bitmask.device.type == "cpu":
-        b = bitmask.contiguous().numpy().view(np.uint8)
-        bits = np.unpackbits(b, axis=-1, count=vocab_size, bitorder="little").astype(np.int32)
-        bits -= 1
-        bits &= _NEG_INF_BITS
-        return torch.from_numpy(bits.view(np.float32))
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab_size]  # (C, V) 0/1
-    return ((bits - 1) & _NEG_INF_BITS).view(torch.float32)
+    Branch-free, so its cost does not depend on the mask (a select such as torch.where mispredicts on
+    ragged masks: 100 us at 32k tokens): on a little-endian host a word's bytes are its bits 0-7, 8-15, ...,
+    so one lookup of each byte in a 256 x 8 table gives the floats; other hosts shift."""
+    if isinstance(bitmask, torch.Tensor):
+        bitmask = bitmask.contiguous().numpy()
+    C = bitmask.shape[0]
+    if sys.byteorder == "little":
+        return torch.from_numpy(_BYTE_BIAS[bitmask.view(np.uint8)].reshape(C, -1)[:, :vocab_size])
+    bits = (bitmask[:, :, None] >> np.arange(32, dtype=np.int32)) & 1
+    return torch.from_numpy(np.where(bits.reshape(C, -1)[:, :vocab_size], 0.0, -np.inf).astype(np.float32))
 
 
-__all__ = ["token_bytes", "compile_grammar", "Constraint", "fill_masks", "mask_bias"]
+__all__ = [
+    "token_bytes",
+    "compile_grammar",
+    "Constraint",
+    "fill_masks",
+    "next_token_bits",
+    "mask_bias",
+    "MaskBuffer",
+]
