@@ -236,6 +236,68 @@ def test_fused_loss_matches_plain_cross_entropy(family, monkeypatch):
     assert torch.isnan(model(x, targets=torch.full_like(y, -100)))  # like torch: no counted target
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tied_lookup_gradient_is_autograds_bitwise(precision, monkeypatch):
+    """With tied embeddings the token lookup adds its rows into the fused loss's gradient of the shared
+    weight (loss.tied_lookup) instead of autograd's second dense gradient: every gradient is bitwise that of
+    the plain lookup, in fp32 and under bf16 autocast, over two accumulated backward passes with a scaled
+    loss and with repeated tokens (rows summed several times); the bf16 gradient of lm_head cast to float32
+    by vocab chunks equals the one cast whole."""
+    from yuyan.model import loss as L
+    from yuyan.model import transformer as T
+
+    def grads(tied: bool, chunk_rows: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = Transformer(tiny_config("gpt2", vocab_size=97, logit_softcap=3.0))
+        taken = []
+
+        def spy(*args):
+            taken.append(L.tied_lookup(*args))
+            return taken[-1]
+
+        monkeypatch.setattr(T, "tied_lookup", spy if tied else lambda *a: None)
+        monkeypatch.setattr(L, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(L, "BLOCK_BYTES", 40 * 4 * 97)  # blocks of 40 of the 96 rows
+        g = torch.Generator().manual_seed(1)
+        for scale in (1.0, 0.3):
+            x = torch.randint(0, 13, (3, 32), generator=g)  # 13 distinct tokens over 96 positions
+            y = torch.roll(x, -1, 1)
+            y[0, :5] = -100
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(x, targets=y)
+            (loss * scale).backward()
+        assert len(taken) == (2 if tied else 0) and None not in taken
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, tied = grads(False, 10**9), grads(True, 10**9)
+    for n in plain:
+        assert torch.equal(plain[n], tied[n]), n
+    if precision == "bf16":
+        for n, g in grads(True, 16).items():  # 97 rows in chunks of 16
+            assert torch.equal(g, tied[n]), n
+
+
+def test_tied_lookup_without_the_loss_gradient_is_torchs_embedding_gradient():
+    """When nothing handed over a loss gradient, the lookup's backward is torch's embedding backward."""
+    from yuyan.model import loss as L
+
+    emb = torch.nn.Embedding(11, 4)
+    idx = torch.tensor([[1, 3, 3], [0, 1, 10]])
+    out, _ = L.tied_lookup(idx, emb, torch.nn.Linear(4, 11, bias=False)) or (None, None)
+    assert out is None  # untied: the plain lookup
+    head = torch.nn.Linear(4, 11, bias=False)
+    head.weight = emb.weight
+    out, tie = L.tied_lookup(idx, emb, head)
+    w = torch.randn(2, 3, 4)
+    (out * w).sum().backward()
+    mine = emb.weight.grad.clone()
+    emb.weight.grad = None
+    (emb(idx) * w).sum().backward()
+    assert torch.equal(mine, emb.weight.grad) and tie.grad is None
+    with torch.no_grad():
+        assert L.tied_lookup(idx, emb, head) is None
+
+
 def test_fused_loss_falls_back_for_wrapped_heads():
     from yuyan.model.lora import apply_lora
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yuyan.model.kv_cache import KVCache
-from yuyan.model.loss import linear_cross_entropy
+from yuyan.model.loss import linear_cross_entropy, tied_lookup
 
 FFNS = ("gelu_mlp", "swiglu", "relu2_mlp", "geglu")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
@@ -471,10 +471,12 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size); given `targets` (B, T), the mean cross-entropy instead (positions
         with target -100 skipped), fused with lm_head so the (B, T, V) logits are never stored whole."""
-        h = self.hidden(idx, pos, cache, attn_weights, hidden_states)
         if targets is None:
-            return self.logits(h)
-        return linear_cross_entropy(h, self.lm_head, targets, softcap=self.config.logit_softcap)
+            return self.logits(self.hidden(idx, pos, cache, attn_weights, hidden_states))
+        # tied embeddings: the lookup's gradient is added into the loss's (loss.py), not a second (V, d) tensor
+        emb, tie = tied_lookup(idx, self.embed_tokens, self.lm_head) or (None, None)
+        h = self.hidden(idx, pos, cache, attn_weights, hidden_states, inputs_embeds=emb)
+        return linear_cross_entropy(h, self.lm_head, targets, softcap=self.config.logit_softcap, tie=tie)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head over hidden states (..., d_model) -> (..., vocab_size), soft-capped when the config says
