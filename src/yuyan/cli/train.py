@@ -17,18 +17,20 @@ from yuyan.cli.common import FORCE, run_folder
 from yuyan.train.config import TrainConfig
 
 
-def settings_help() -> str:
-    """Every overridable setting with its default, derived from the TrainConfig dataclasses."""
+def settings_help(cfg: TrainConfig | None = None, sections: tuple[str, ...] | None = None) -> str:
+    """Every overridable setting with its default (`cfg`'s values; by default the TrainConfig
+    dataclasses'), derived from the dataclasses; only the top-level `sections` when given."""
+    cfg = cfg or TrainConfig()
     lines = []
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            keys = ", ".join(
-                f"{f.name}.{g.name}={getattr(default, g.name)}" for g in dataclasses.fields(default)
-            )
+    for f in dataclasses.fields(cfg):
+        if sections is not None and f.name not in sections:
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys = ", ".join(f"{f.name}.{g.name}={getattr(value, g.name)}" for g in dataclasses.fields(value))
             lines.append(f"  {keys}")
         else:
-            lines.append(f"  {f.name}={default}")
+            lines.append(f"  {f.name}={value}")
     return "\n\n".join(lines)
 
 
