@@ -35,7 +35,9 @@ app.add_typer(eval_app, name="eval")
 
 # --model for the text metrics: needed to generate from --data, not to score --predictions
 GENERATING_MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (to generate from --data)")
-OUT = typer.Option(None, "--out", help="folder for the JSON result and the Markdown report")
+OUT = typer.Option(
+    None, "--out", help="folder for the JSON result and the Markdown report (default: none, print only)"
+)
 
 
 def _emit(result: dict, out: Path | None, name: str | None = None, appendix: str = "") -> None:

@@ -88,44 +88,48 @@ def finetune_cmd(
         None,
         "--labels",
         help="classify: class names, e.g. neg,pos (the data's labels are those names, or 0,1 for neg,pos), "
-        "or VALUE=NAME pairs, e.g. 1=neg,2=pos [default: the data's label values]",
+        "or VALUE=NAME pairs, e.g. 1=neg,2=pos (default: the data's label values)",
     ),
     pooling: str = typer.Option("last", "--pooling", help="classify: last (last real token) | mean"),
     template: str = typer.Option(
         "chat", "--template", help="sft prompt/completion: chat (role tokens) | plain"
     ),
     config: Path | None = typer.Option(
-        None, "--config", help="TrainConfig TOML (train/eval/checkpoint sections)"
+        None,
+        "--config",
+        help="TrainConfig TOML (train/eval/checkpoint sections) (default: none, the settings below)",
     ),
     max_steps: int | None = typer.Option(
         None,
         "--max-steps",
-        help=f"optimizer steps (train.max_steps) [default: {DEFAULTS.train.max_steps}; "
-        "with --max-time alone: no step limit]",
+        help=f"optimizer steps (train.max_steps) (default: {DEFAULTS.train.max_steps}; "
+        "with --max-time alone: no step limit)",
     ),
     max_time: float | None = typer.Option(
         None,
         "--max-time",
-        help="seconds of training (train.max_time); alone, it is the only limit [default: none]",
+        help="seconds of training (train.max_time); alone, it is the only limit (default: none)",
     ),
     lr: float | None = typer.Option(
-        None, "--lr", help=f"peak learning rate (train.lr) [default: {DEFAULTS.train.lr}]"
+        None, "--lr", help=f"peak learning rate (train.lr) (default: {DEFAULTS.train.lr})"
     ),
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
-        help=f"examples per micro-batch (train.batch_size) [default: {DEFAULTS.train.batch_size}]",
+        help=f"examples per micro-batch (train.batch_size) (default: {DEFAULTS.train.batch_size})",
     ),
     dp_epsilon: float | None = typer.Option(
-        None, "--dp-epsilon", help="differentially private training (Opacus DP-SGD) to this epsilon"
+        None,
+        "--dp-epsilon",
+        help="differentially private training (Opacus DP-SGD) to this epsilon (default: none, no DP)",
     ),
     dp_delta: float | None = typer.Option(
-        None, "--dp-delta", help=f"DP delta [default: {DEFAULTS.privacy.delta}]"
+        None, "--dp-delta", help=f"DP delta (default: {DEFAULTS.privacy.delta})"
     ),
     dp_max_grad_norm: float | None = typer.Option(
         None,
         "--dp-max-grad-norm",
-        help=f"DP per-example gradient clipping bound [default: {DEFAULTS.privacy.max_grad_norm}]",
+        help=f"DP per-example gradient clipping bound (default: {DEFAULTS.privacy.max_grad_norm})",
     ),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUT"),
     force: bool = FORCE,

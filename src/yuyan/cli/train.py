@@ -58,16 +58,23 @@ Settings (--section.key value):
 )
 def train_cmd(
     ctx: typer.Context,
-    config: Path = typer.Option(None, "--config", "-c", help="TOML config file (configs/demo.toml, ...)"),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="TOML config file (configs/demo.toml, ...) (default: none, the settings above)",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="continue from the newest checkpoint in checkpoint.dir"
     ),
     dp_epsilon: float | None = typer.Option(
-        None, "--dp-epsilon", help="differentially private training (Opacus DP-SGD) to this epsilon"
+        None,
+        "--dp-epsilon",
+        help="differentially private training (Opacus DP-SGD) to this epsilon (default: none, no DP)",
     ),
     dp_delta: float | None = typer.Option(None, "--dp-delta", help="DP delta (privacy.delta, default 1e-5)"),
     dp_max_grad_norm: float | None = typer.Option(
-        None, "--dp-max-grad-norm", help="DP per-example clipping bound (privacy.max_grad_norm)"
+        None, "--dp-max-grad-norm", help="DP per-example clipping bound (privacy.max_grad_norm, default 1.0)"
     ),
     force: bool = FORCE,
 ) -> None:
