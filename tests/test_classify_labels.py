@@ -205,3 +205,44 @@ def test_every_default_is_visible_in_help(command):
     assert not hidden, f"{command}: {hidden} say nothing of their default"
     # rich reads [...] in help as markup and drops it: "[default: X]" written by hand would never show
     assert not [p.opts[0] for p in _options(command) if "[default" in (p.help or "")]
+
+
+def test_robustness_compares_names_with_gold_values(trained):
+    from yuyan.evaluate.robustness import evaluate_robustness
+
+    d, _, _ = trained
+    clf = Classifier.from_pretrained(d / "run" / "final")
+    texts = ["the film was good today", "the film was awful today", "nice", "ugly"]
+    preds = [lab for lab, _ in clf.predict(texts)]
+    gold = ["1", "0", "1", "0"]  # the data's values; the model predicts names
+    r = evaluate_robustness(clf, list(zip(texts, gold, strict=True)), ["typo"], 0.5, 0)
+    expected = sum(p == {"0": "neg", "1": "pos"}[g] for p, g in zip(preds, gold, strict=True)) / 4
+    assert r["accuracy_clean"] == expected
+
+
+def test_server_classify_answers_with_names(trained, tokenizer):
+    import httpx
+    from tests._serve_util import running, tiny_lm
+
+    from yuyan.model import load
+    from yuyan.serve import ServeConfig, create_app
+
+    d, _, _ = trained
+    lm = load(d / "run" / "final")
+    texts = ["the film was good today", "the film was awful today", "前台很好"]
+    want = Classifier.from_pretrained(d / "run" / "final").predict(texts)
+    app = create_app(lm, ServeConfig(model_name="cls"))
+    with running(app) as base:
+        r = httpx.post(base + "/v1/classify", json={"input": texts, "model": "cls"}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["labels"] == ["neg", "pos"] and [x["index"] for x in got["data"]] == [0, 1, 2]
+        for x, (label, probs) in zip(got["data"], want, strict=True):
+            assert x["label"] == label and x["probs"] == pytest.approx(probs, abs=1e-5)
+        one = httpx.post(base + "/v1/classify", json={"input": texts[0]}, timeout=60).json()
+        assert one["data"][0]["label"] == want[0][0] and one["usage"]["prompt_tokens"] > 0
+        bad = httpx.post(base + "/v1/classify", json={"input": ["ok", " "]}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "input[1]"
+    with running(create_app(tiny_lm(tokenizer), ServeConfig(model_name="lm"))) as base:
+        r = httpx.post(base + "/v1/classify", json={"input": "hi"}, timeout=60)
+        assert r.status_code == 400 and "no classification head" in r.json()["error"]["message"]

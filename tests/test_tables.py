@@ -151,3 +151,16 @@ def test_label_order_and_names():
         name_labels(["1", "3"], ["1=a"])
     with pytest.raises(UserError, match="twice"):
         name_labels(["0", "1"], ["a", "a"])
+
+
+def test_truncation_report_names_rows_and_says_what_to_do(tmp_path, tokenizer):
+    long = " ".join(["word"] * 200)
+    path = tmp_path / "long.tsv"
+    path.write_text(f"text\tlabel\nshort one\tpos\n{long}\tneg\nok\tpos\n{long} again\tneg\n")
+    task = ClassifyTask.from_files(path, tokenizer, 16, val_frac=0.0)
+    assert task.report.counts["truncated"] == 2
+    assert task.report.where["truncated"] == ["long.tsv:3", "long.tsv:5"]  # the rows, not "longer than"
+    summary = task.report.summary()
+    assert "2 of 4 texts are longer than the model's context of 16 tokens" in summary
+    assert "use a model with a longer context" in summary and "yuyan tokenizer train" in summary
+    assert summary.count("longer than") == 1  # said once, not once per row

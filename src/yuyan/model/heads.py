@@ -177,6 +177,20 @@ class Classifier(nn.Module):
         self.train(was)
         return out
 
+    @torch.no_grad()
+    def predict_ids(self, ids: list[list[int]]) -> list[tuple[str, dict[str, float]]]:
+        """predict() for texts already encoded (encode_for_classify), in one batch."""
+        was = self.training
+        self.eval()
+        x, n = pad_batch(ids, (self.tokenizer.pad_id or 0) if self.tokenizer is not None else 0)
+        dev = next(self.parameters()).device
+        probs = F.softmax(self(x.to(dev), n.to(dev)).float(), -1).cpu()  # (B, n_labels)
+        self.train(was)
+        return [
+            (self.labels[int(row.argmax())], {lab: float(p) for lab, p in zip(self.labels, row, strict=True)})
+            for row in probs
+        ]
+
 
 def classification_metrics(y_true: list[int], y_pred: list[int], n_labels: int) -> dict:
     """Accuracy, macro-F1 (over labels present in truth or predictions) and the confusion matrix
