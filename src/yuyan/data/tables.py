@@ -49,24 +49,37 @@ def header_evidence(rows: list[list[str]]) -> tuple[list[str], list[str]]:
     A column tells when the rows below are all numbers (the first cell is a number or not) or hold few
     distinct values, like a label column (the first cell is one of them or not). Free-text columns don't."""
     first, rest = rows[0], rows[1 : 1 + SAMPLE_ROWS]
-    header, data = [], []
+    header, data = [], []  # (distinct values below, reason): the most label-like column's reason first
     for j, cell in enumerate(first):
         below = [r[j].strip() for r in rest if len(r) == len(first) and r[j].strip()]
         if len(below) < 2:
             continue
-        cell = cell.strip()
+        cell, values = cell.strip(), set(below)
         if all(_is_number(v) for v in below):
             (data if _is_number(cell) else header).append(
-                f"column {j}: {cell!r} {'is' if _is_number(cell) else 'is not'} a number like the cells below"
+                (
+                    len(values),
+                    f"column {j}: {_short(cell)} {'is' if _is_number(cell) else 'is not'} a number like "
+                    "the cells below",
+                )
             )
             continue
-        values = set(below)
         if len(values) <= max(2, min(50, len(below) // 2)):  # categorical: a label column
+            shown = ", ".join(_short(v) for v in sorted(values)[:6]) + (", ..." if len(values) > 6 else "")
             if cell in values:
-                data.append(f"column {j}: {cell!r} is one of that column's values {sorted(values)[:6]}")
+                data.append(
+                    (len(values), f"column {j}: {_short(cell)} is one of that column's values [{shown}]")
+                )
             else:
-                header.append(f"column {j}: {cell!r} is not among that column's values {sorted(values)[:6]}")
-    return header, data
+                header.append(
+                    (len(values), f"column {j}: {_short(cell)} is not among that column's values [{shown}]")
+                )
+    return [m for _, m in sorted(header)], [m for _, m in sorted(data)]
+
+
+def _short(cell: str, n: int = 24) -> str:
+    """A cell as a message shows it: quoted, cut to n characters."""
+    return repr(cell if len(cell) <= n else cell[: n - 1] + "…")
 
 
 def _index(name: str) -> int | None:

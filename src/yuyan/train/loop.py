@@ -440,13 +440,14 @@ class _TimeBudget:
             )
 
     def before_step(self, state: _TrainState) -> bool:
-        """Refit state.total_steps when due (True then) and start the step clock once caches are warm."""
+        """Refit state.total_steps when due (True when that fitted a length) and start the step clock once
+        caches are warm."""
         refitted = self.refit_at is not None and state.step >= self.refit_at
         if refitted:
             state.total_steps = self._refit(state)
         if state.step == self.measure_at:
             self.last_step_t = state.elapsed()
-        return refitted
+        return refitted and len(self.marks) > 1  # the first refit only starts measuring: no length yet
 
     def _refit(self, state: _TrainState) -> int:
         """The new total_steps (the same on every rank), and when to refit next."""
