@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.yuyan-installed
 DEMO_ARGS ?=
 
-.PHONY: demo test lint format bench clean venv browser llama-cpp
+.PHONY: demo test lint format bench clean venv browser fonts llama-cpp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ venv: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; browser tests will fail"
 
+# Debian's Noto CJK fonts, so figures with Chinese or Japanese text draw it (yuyan.plots picks the font;
+# tests/test_plots.py checks a CJK label is drawn with it).
+fonts:
+	@fc-list 2>/dev/null | grep -q "Noto Sans CJK" || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-cjk >/dev/null) || echo "warning: could not install fonts-noto-cjk; CJK figure tests will skip"
+
 demo: $(STAMP)
 	$(BIN)/yuyan demo $(DEMO_ARGS)
 
@@ -33,7 +38,7 @@ demo: $(STAMP)
 llama-cpp: $(STAMP)
 	$(BIN)/python tests/test_gguf.py
 
-test: $(STAMP) browser llama-cpp
+test: $(STAMP) browser fonts llama-cpp
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -18,6 +18,7 @@ import torch
 from conftest import make_checkpoint, tiny_config
 from yuyan.cli import app, main
 from yuyan.model.checkpoint import save_checkpoint
+from yuyan.model.hf import export_hf
 from yuyan.model.transformer import Transformer
 
 SURROGATE = "caf\udce9"  # what Python makes of the bytes b"caf\xe9" in sys.argv (surrogateescape)
@@ -50,6 +51,18 @@ TABLE = [
     ("finetune", "--model {missing} --data {corpus} --out {new} --task lm", "not found"),
     ("finetune", "--model {model} --data {corpus} --out {foreign} --task lm", "not empty"),
     ("finetune", "--model {model} --data {corpus} --out {new} --task lm --dp-epsilon 0", "dp-epsilon"),
+    ("finetune", "--model {model} --data {headerless} --out {new} --task classify", "no header row"),
+    (
+        "finetune",
+        "--model {model} --data {headerless} --out {new} --task classify --text-field 0 --label-field 7",
+        "no column 7",
+    ),
+    (
+        "finetune",
+        "--model {model} --data {headerless} --out {new} --task classify --text-field 0 --label-field 1 --labels a,b,c",
+        "--labels",
+    ),
+    ("finetune", "--model {model} --data {corpus} --out {new} --task lm --labels a,b", "--labels"),
     (
         "finetune",
         "--model {model} --data {corpus} --out {new} --task lm --dp-epsilon 8 --dp-delta 1",
@@ -76,6 +89,7 @@ TABLE = [
     ("tokenizer info", "--tokenizer {bad_tokenizer}", "tokenizer.json"),
     ("convert from-hf", "{missing} {new}", "not found"),
     ("convert from-hf", "{model} {new}", "already a yuyan checkpoint"),
+    ("convert from-hf", "{hf_no_head} {new}", "classifier head"),
     ("convert to-hf", "{model} {model}", "input"),
     ("convert to-hf", "{model} {foreign}", "not empty"),
     ("convert to-hf", "{bad_manifest} {new}", "manifest"),
@@ -87,10 +101,17 @@ TABLE = [
     ("eval bleu", "", "--data"),
     ("eval rouge", "--predictions {missing}", "not found"),
     ("eval classify", "--model {model} --data {missing}", "not found"),
+    ("eval classify", "--model {model} --data {headerless}", "no header row"),
+    (
+        "eval classify",
+        "--model {model} --data {headerless} --text-field 0 --label-field 1",
+        "no classification head",
+    ),
     ("eval harness", "--model {model} --tasks ,", "no task"),
     ("eval harness", "--model {model} --tasks nosuch_task_xyz --include-path {missing}", "include-path"),
     ("eval harness", "--model {model} --tasks t --limit 0", "--limit"),
     ("eval robustness", "--model {model} --data {missing}", "not found"),
+    ("eval robustness", "--model {model} --data {headerless}", "no header row"),
     ("eval robustness", "--model {model} --data {corpus} --attacks nosuch", "attacks"),
     ("eval speed", "--model {model} --batch-sizes x", "batch-sizes"),
     ("eval compare", "{missing} {missing}", "not found"),
@@ -126,6 +147,16 @@ def files(tmp_path_factory, tokenizer) -> dict[str, str]:
     corpus = d / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 200)
     os.mkfifo(d / "fifo")
+    headerless = d / "reviews.tsv"  # text<TAB>label rows, no header line
+    headerless.write_text("".join(f"review {i}\t{['neg', 'pos'][i % 2]}\n" for i in range(6)))
+    clean = Transformer(tiny_config("gpt2", vocab_size=tokenizer.vocab_size))
+    hf_no_head = export_hf(
+        clean, tokenizer, d / "hf_no_head"
+    )  # says it holds a classifier head, lacks the file
+    hf_cfg = json.loads((hf_no_head / "config.json").read_text())
+    hf_cfg.update(yuyan_classifier={"pooling": "last"}, id2label={"0": "neg", "1": "pos"})
+    (hf_no_head / "config.json").write_text(json.dumps(hf_cfg))
+    (hf_no_head / "manifest.json").unlink()
     return {
         "model": str(model),
         "bad_manifest": str(bad),
@@ -136,6 +167,8 @@ def files(tmp_path_factory, tokenizer) -> dict[str, str]:
         "corpus": str(corpus),
         "fifo": str(d / "fifo"),
         "missing": str(d / "missing"),
+        "headerless": str(headerless),
+        "hf_no_head": str(hf_no_head),
         "surrogate": SURROGATE,
     }
 

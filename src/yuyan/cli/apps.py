@@ -91,8 +91,8 @@ def run_cmd(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="the input text (question for qa)"),
     file: Path | None = typer.Option(None, "--file", "-f", help="read the input text from a file"),
     context: str | None = typer.Option(None, "--context", help="qa: the passage to answer from"),
-    source: str | None = typer.Option(None, "--source", help="translate: source language [default: English]"),
-    target: str | None = typer.Option(None, "--target", help="translate: target language [default: Chinese]"),
+    source: str | None = typer.Option(None, "--source", help="translate: source language (default: English)"),
+    target: str | None = typer.Option(None, "--target", help="translate: target language (default: Chinese)"),
     system: str | None = typer.Option(None, "--system", help="chat: a system message"),
     labels: str | None = typer.Option(
         None, "--labels", help="sentiment by prompting: comma-separated label words"

@@ -35,10 +35,12 @@ app.add_typer(eval_app, name="eval")
 
 # --model for the text metrics: needed to generate from --data, not to score --predictions
 GENERATING_MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (to generate from --data)")
-OUT = typer.Option(None, "--out", help="folder for the JSON result and the Markdown report")
+OUT = typer.Option(
+    None, "--out", help="folder for the JSON result and the Markdown report (default: none, print only)"
+)
 
 
-def _emit(result: dict, out: Path | None, name: str | None = None) -> None:
+def _emit(result: dict, out: Path | None, name: str | None = None, appendix: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -52,7 +54,7 @@ def _emit(result: dict, out: Path | None, name: str | None = None) -> None:
             table.add_row(k, format_value(v))
     Console(soft_wrap=True).print(table)
     if out is not None:
-        j, m = write_result(result, out, name)
+        j, m = write_result(result, out, name, appendix)
         print(f"wrote {j} and {m}")
 
 
@@ -283,18 +285,21 @@ def rouge_cmd(
 @eval_app.command("classify")
 def classify_cmd(
     model: str = MODEL,
-    data: Path = typer.Option(..., "--data", help="CSV or JSONL with text and label columns"),
-    text_field: str = typer.Option("text", help="text column"),
-    label_field: str = typer.Option("label", help="label column"),
+    data: Path = typer.Option(..., "--data", help="CSV, TSV or JSONL with text and label columns"),
+    text_field: str = typer.Option(
+        "text", help="text column, by name or 0-based index (a file without header)"
+    ),
+    label_field: str = typer.Option("label", help="label column, by name or 0-based index"),
     batch_size: int = typer.Option(32, help="texts per forward pass"),
     out: Path = OUT,
     force: bool = FORCE,
 ) -> None:
-    """Accuracy, macro-F1 and confusion matrix of a fine-tuned classifier.
+    """Accuracy, macro-F1, per-class precision / recall / F1 and the confusion matrix of a fine-tuned
+    classifier, labelled with its class names; with --out, also confusion_matrix.png.
 
-    Example: yuyan eval classify --model runs/sentiment/final --data test.csv --out runs/eval
+    Example: yuyan eval classify --model runs/sentiment/final --data test.tsv --out runs/eval
     """
-    from yuyan.evaluate.classify import evaluate_classifier, read_labelled
+    from yuyan.evaluate.classify import evaluate_classifier, read_labelled, report_lines, report_markdown
     from yuyan.evaluate.report import make_result
     from yuyan.model.heads import Classifier
 
@@ -302,16 +307,22 @@ def classify_cmd(
     examples = read_labelled(data, text_field, label_field)
     clf = Classifier.from_pretrained(model)
     r = evaluate_classifier(clf, examples, batch_size)
-    _emit(make_result("classify", model, r, {"data": str(data)}), out)
-    print("confusion (rows: true, columns: predicted; order " + ", ".join(r["labels"]) + ")")
-    for lab, row in zip(r["labels"], r["confusion"], strict=True):
-        print(f"  {lab:>12} " + " ".join(f"{v:6d}" for v in row))
+    if out is not None:
+        from yuyan.plots import plot_confusion_matrix
+
+        png = plot_confusion_matrix(
+            r["confusion"], r["labels"], out / "confusion_matrix.png", title=f"{data.name}"
+        )
+        r["confusion_png"] = str(png)
+    _emit(make_result("classify", model, r, {"data": str(data)}), out, appendix=report_markdown(r))
+    for line in report_lines(r):
+        print(line)
 
 
 @eval_app.command("robustness")
 def robustness_cmd(
     model: str = MODEL,
-    data: Path = typer.Option(..., "--data", help="CSV or JSONL with text and label columns"),
+    data: Path = typer.Option(..., "--data", help="CSV, TSV or JSONL with text and label columns"),
     attacks: str = typer.Option(
         "typo,homoglyph,synonym,zh_homophone,zh_similar", "--attacks", help="comma list of perturbations"
     ),
@@ -319,8 +330,10 @@ def robustness_cmd(
         0.1, "--rate", help="fraction of each text's eligible words/characters changed"
     ),
     seed: int = typer.Option(0, "--seed", help="perturbations are reproducible by seed"),
-    text_field: str = typer.Option("text", help="text column"),
-    label_field: str = typer.Option("label", help="label column"),
+    text_field: str = typer.Option(
+        "text", help="text column, by name or 0-based index (a file without header)"
+    ),
+    label_field: str = typer.Option("label", help="label column, by name or 0-based index"),
     batch_size: int = typer.Option(32, help="texts per forward pass"),
     out: Path = OUT,
     force: bool = FORCE,

@@ -40,7 +40,14 @@ def from_hf_cmd(
     lm = load_hf(folder)
     gen = lm.meta.get("generation_config")
     path = save_checkpoint(
-        out, lm.model, lm.tokenizer, meta=lm.meta, generation_config=gen, force=force, sources=(folder,)
+        out,
+        lm.model,
+        lm.tokenizer,
+        meta=lm.meta,
+        generation_config=gen,
+        extra_tensors=lm.extra_tensors,  # a classifier's head, when the folder holds one
+        force=force,
+        sources=(folder,),
     )
     n = num_params(lm.model)
     print(f"wrote {path} ({lm.meta['hf_model_type']}, {n / 1e6:.2f}M parameters)")

@@ -17,18 +17,20 @@ from yuyan.cli.common import FORCE, run_folder
 from yuyan.train.config import TrainConfig
 
 
-def settings_help() -> str:
-    """Every overridable setting with its default, derived from the TrainConfig dataclasses."""
+def settings_help(cfg: TrainConfig | None = None, sections: tuple[str, ...] | None = None) -> str:
+    """Every overridable setting with its default (`cfg`'s values; by default the TrainConfig
+    dataclasses'), derived from the dataclasses; only the top-level `sections` when given."""
+    cfg = cfg or TrainConfig()
     lines = []
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            keys = ", ".join(
-                f"{f.name}.{g.name}={getattr(default, g.name)}" for g in dataclasses.fields(default)
-            )
+    for f in dataclasses.fields(cfg):
+        if sections is not None and f.name not in sections:
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys = ", ".join(f"{f.name}.{g.name}={getattr(value, g.name)}" for g in dataclasses.fields(value))
             lines.append(f"  {keys}")
         else:
-            lines.append(f"  {f.name}={default}")
+            lines.append(f"  {f.name}={value}")
     return "\n\n".join(lines)
 
 
@@ -56,16 +58,23 @@ Settings (--section.key value):
 )
 def train_cmd(
     ctx: typer.Context,
-    config: Path = typer.Option(None, "--config", "-c", help="TOML config file (configs/demo.toml, ...)"),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="TOML config file (configs/demo.toml, ...) (default: none, the settings above)",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="continue from the newest checkpoint in checkpoint.dir"
     ),
     dp_epsilon: float | None = typer.Option(
-        None, "--dp-epsilon", help="differentially private training (Opacus DP-SGD) to this epsilon"
+        None,
+        "--dp-epsilon",
+        help="differentially private training (Opacus DP-SGD) to this epsilon (default: none, no DP)",
     ),
     dp_delta: float | None = typer.Option(None, "--dp-delta", help="DP delta (privacy.delta, default 1e-5)"),
     dp_max_grad_norm: float | None = typer.Option(
-        None, "--dp-max-grad-norm", help="DP per-example clipping bound (privacy.max_grad_norm)"
+        None, "--dp-max-grad-norm", help="DP per-example clipping bound (privacy.max_grad_norm, default 1.0)"
     ),
     force: bool = FORCE,
 ) -> None:

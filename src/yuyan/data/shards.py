@@ -204,11 +204,12 @@ def _progress(enabled: bool):
     from rich.progress import (
         BarColumn,
         DownloadColumn,
-        Progress,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
+
+    from yuyan.progress import Progress
 
     p = Progress(
         TextColumn("tokenizing"),
@@ -218,6 +219,7 @@ def _progress(enabled: bool):
         TimeRemainingColumn(),
         console=Console(stderr=True),
         disable=not enabled,
+        unit="bytes",
     )
     return p
 

@@ -12,7 +12,8 @@ unseen in training); a missing column or a file with no usable example is a `Use
   "completion"} (rendered as a user turn and an assistant turn, or as plain concatenation with
   `template="plain"`). Loss only on the assistant/completion tokens: labels are -100 elsewhere, batches are
   right-padded with pad tokens whose labels are -100 (no cross-example attention, unlike naive packing).
-- Classification: CSV or JSONL with text and label columns (names configurable).
+- Classification: CSV, TSV or JSONL with text and label columns (names or 0-based indices; one reader,
+  yuyan.data.tables, with header detection); label values may be given names (`name_labels`).
 - Docstring: from the stdlib corpus (split like the corpus), pairs (function source without its docstring
   -> first line of its docstring) extracted with `ast`, in a deterministic order.
 Without a separate validation file, a deterministic 10% of the examples (lowest sha256 of their content)
@@ -22,22 +23,22 @@ is held out.
 from __future__ import annotations
 
 import ast
-import csv
 import hashlib
 import json
 import math
 import os
 import textwrap
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from yuyan.data.tables import read_table
 from yuyan.errors import UserError
-from yuyan.model.heads import classification_metrics, encode_for_classify, pad_batch
+from yuyan.model.heads import classification_metrics, encode_for_classify_rows, pad_batch
 from yuyan.model.loss import IGNORE_INDEX
 
 IGNORE = IGNORE_INDEX  # the cross-entropy's skip label
@@ -124,6 +125,10 @@ class DataReport:
     examples: int = 0
     counts: Counter = field(default_factory=Counter)
     where: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # advice on the problems counted (what to do about them)
+
+    def note(self, advice: str) -> None:
+        self.notes.append(advice)
 
     def add(self, problem: str, location: str) -> None:
         self.counts[problem] += 1
@@ -135,7 +140,7 @@ class DataReport:
         parts = [f"{self.source}: {self.examples} examples"]
         for k, n in sorted(self.counts.items()):
             parts.append(f"{n} {k.replace('_', ' ')} (e.g. {', '.join(self.where.get(k, []))})")
-        return "; ".join(parts)
+        return "; ".join(parts + self.notes)
 
     def to_dict(self) -> dict:
         return {
@@ -145,40 +150,12 @@ class DataReport:
         }
 
 
-def read_records(path: str | os.PathLike, report: DataReport) -> list[tuple[str, dict]]:
-    """(location, record) pairs from a JSONL or CSV file; empty lines and bad JSON are counted and skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data file {p} not found; pass a .jsonl or .csv file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{p} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
-    out: list[tuple[str, dict]] = []
-    if p.suffix.lower() in (".csv", ".tsv"):
-        rows = csv.DictReader(text.splitlines(), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
-        for i, row in enumerate(rows, start=2):  # line 1 is the header
-            if not any((v or "").strip() for v in row.values()):
-                report.add("empty_lines", f"{p.name}:{i}")
-                continue
-            out.append((f"{p.name}:{i}", row))
-        if rows.fieldnames is None:
-            raise UserError(f"{p} is empty; it needs a header row naming the columns")
-        return out
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            report.add("empty_lines", f"{p.name}:{i}")
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            report.add("bad_json_lines", f"{p.name}:{i}")
-            continue
-        if not isinstance(rec, dict):
-            report.add("bad_json_lines", f"{p.name}:{i}")
-            continue
-        out.append((f"{p.name}:{i}", rec))
-    return out
+def read_records(
+    path: str | os.PathLike, report: DataReport, columns: Sequence[str] = ()
+) -> list[tuple[str, dict]]:
+    """(location, record) pairs from a JSONL, CSV or TSV file (yuyan.data.tables.read_table: header
+    detection by `columns`); empty lines, bad JSON and ragged rows are counted and skipped."""
+    return read_table(path, report, columns)
 
 
 def _hash(s: str) -> int:
@@ -305,9 +282,10 @@ class SFTTask:
         val_frac: float = 0.1,
     ) -> SFTTask:
         report = DataReport(str(path))
-        recs = read_records(path, report)
+        sft_columns = ("prompt", "completion")  # a CSV/TSV's columns; JSONL may hold messages instead
+        recs = read_records(path, report, sft_columns)
         if val_path:
-            val_recs = read_records(val_path, report)
+            val_recs = read_records(val_path, report, sft_columns)
         else:
             recs, val_recs = split_holdout(recs, [json.dumps(r, sort_keys=True) for _, r in recs], val_frac)
         train = sft_examples(recs, tokenizer, block_size + 1, report, template)
@@ -352,14 +330,15 @@ class SFTTask:
 def read_classification(
     path: str | os.PathLike, text_field: str, label_field: str, report: DataReport
 ) -> list[tuple[str, str, str]]:
-    """(location, text, label) triples; a missing column is an error, empty text/label is counted."""
-    recs = read_records(path, report)
+    """(location, text, label) triples from CSV, TSV or JSONL (yuyan.data.tables.read_table: columns by
+    name or 0-based index, header detected); a missing column is an error, empty text/label is counted."""
+    recs = read_records(path, report, (text_field, label_field))
     if recs:
         missing = [f for f in (text_field, label_field) if f not in recs[0][1]]
-        if missing:
+        if missing:  # JSONL: a CSV/TSV's columns were checked by the reader
             raise UserError(
-                f"{path} has no column {missing[0]!r} (columns: {sorted(recs[0][1])}); "
-                f"pass --text-field / --label-field to name the text and label columns"
+                f"{path} has no field {missing[0]!r} (its first record has {sorted(recs[0][1])}); "
+                f"pass --text-field / --label-field to name the text and label fields"
             )
     out = []
     for loc, r in recs:
@@ -372,6 +351,65 @@ def read_classification(
             continue
         out.append((loc, str(text), str(label).strip()))
     return out
+
+
+def label_order(values) -> list[str]:
+    """Distinct label values in class order: by number when every one is an integer (2 before 10), else
+    as text."""
+    distinct = set(values)
+    if distinct and all(v.lstrip("-").isdigit() for v in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+def name_labels(values: list[str], names: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """(class names in class order, data value -> class name) for `finetune --labels`.
+
+    names None: the values name themselves (label_order). `["neg", "pos"]`: the values are those names
+    (the list fixes the order), or integers 0..K-1 meaning names[value]. `["1=neg", "2=pos"]`: explicit
+    VALUE=NAME pairs. Anything else is a UserError saying which form fits."""
+    found = label_order(values)
+    if names is None:
+        return found, {v: v for v in found}
+    names = [n.strip() for n in names]
+    pairs = [n.partition("=") for n in names]
+    if any(sep for _, sep, _ in pairs):
+        if not all(sep and v.strip() and k.strip() for v, sep, k in pairs):
+            raise UserError(f"--labels {','.join(names)}: write every item as VALUE=NAME, e.g. 0=neg,1=pos")
+        mapping = {v.strip(): k.strip() for v, _, k in pairs}
+        order = list(dict.fromkeys(mapping.values()))
+        unmapped = [v for v in found if v not in mapping]
+        if unmapped:
+            raise UserError(
+                f"--labels maps {sorted(mapping)}, but the data also has label {unmapped[0]!r}; map every value"
+            )
+    else:
+        order = names
+        if any(not n for n in names):
+            raise UserError(f"--labels {','.join(names)} has an empty name")
+        if set(found) <= set(names):
+            mapping = {v: v for v in found}
+        elif all(v.isdigit() and int(v) < len(names) for v in found):
+            mapping = {v: names[int(v)] for v in found}
+        else:
+            raise UserError(
+                f"--labels names {len(names)} classes {names}, but the data's labels are {found[:8]}: they "
+                f"are neither those names nor integers 0..{len(names) - 1}; map them as VALUE=NAME, e.g. "
+                f"--labels {','.join(f'{v}={n}' for v, n in zip(found, names, strict=False))}"
+            )
+    if len(set(order)) != len(order):
+        raise UserError(f"--labels gives a name twice: {order}; each class needs its own name")
+    return order, mapping
+
+
+def truncation_advice(cut: int, total: int, block_size: int, longest: int) -> str:
+    """What to do about texts longer than the model's context, for the data report."""
+    return (
+        f"{cut} of {total} texts are longer than the model's context of {block_size} tokens (the longest "
+        f"has {longest}) and were cut to their first {block_size}: use a model with a longer context "
+        f"(block_size), or one whose tokenizer was trained on text like this (`yuyan tokenizer train`; a "
+        "tokenizer trained on code spends more tokens on prose)"
+    )
 
 
 class ClassifyTask:
@@ -387,9 +425,15 @@ class ClassifyTask:
         block_size: int,
         report: DataReport | None = None,
         eval_batch_size: int = 32,
+        locations: tuple[list[str], list[str]] | None = None,
     ):
         if not train:
             raise UserError("no usable training examples" + (f" ({report.summary()})" if report else ""))
+        # where each train / val example came from ("file:line"), for the truncation report
+        tlocs, vlocs = locations or (
+            [f"train #{i}" for i in range(len(train))],
+            [f"val #{i}" for i in range(len(val))],
+        )
         self.labels, self.report, self.eval_batch_size = (
             labels,
             report or DataReport("memory"),
@@ -399,16 +443,26 @@ class ClassifyTask:
         unseen = [(t, lab) for t, lab in val if lab not in index]
         for _, lab in unseen:
             self.report.add("val_labels_unseen_in_train", lab)
+        vlocs = [loc for loc, (_, lab) in zip(vlocs, val, strict=True) if lab in index]
         val = [(t, lab) for t, lab in val if lab in index]
         self.pad_id = tokenizer.pad_id or 0
-        ids, cut = encode_for_classify(tokenizer, [t for t, _ in train], block_size)
-        vids, vcut = encode_for_classify(tokenizer, [t for t, _ in val], block_size) if val else ([], 0)
-        for _ in range(cut + vcut):
-            self.report.add("truncated", f"longer than {block_size} tokens")
+        ids, cut, longest = encode_for_classify_rows(tokenizer, [t for t, _ in train], block_size)
+        vids, vcut, vlongest = (
+            encode_for_classify_rows(tokenizer, [t for t, _ in val], block_size) if val else ([], [], 0)
+        )
+        for loc in [tlocs[i] for i in cut] + [vlocs[i] for i in vcut]:
+            self.report.add("truncated", loc)
+        if cut or vcut:
+            self.report.note(
+                truncation_advice(
+                    len(cut) + len(vcut), len(train) + len(val), block_size, max(longest, vlongest)
+                )
+            )
         self.train = list(zip(ids, [index[lab] for _, lab in train], strict=True))
         self.val = list(zip(vids, [index[lab] for _, lab in val], strict=True)) or self.train[:1]
         self.report.examples = len(self.train) + len(val)
         self.last_confusion: list[list[int]] | None = None
+        self.label_values = list(labels)  # the data's value behind each label (ClassifyTask.from_files)
 
     @classmethod
     def from_files(
@@ -420,27 +474,37 @@ class ClassifyTask:
         text_field: str = "text",
         label_field: str = "label",
         val_frac: float = 0.1,
+        label_names: list[str] | None = None,
     ) -> ClassifyTask:
+        """label_names: `finetune --labels` (see name_labels); the task's labels are then those names, and
+        `label_values` the data's values behind them."""
         report = DataReport(str(path))
         rows = read_classification(path, text_field, label_field, report)
         if val_path:
             val_rows = read_classification(val_path, text_field, label_field, report)
         else:
             rows, val_rows = split_holdout(rows, [f"{t}\t{lab}" for _, t, lab in rows], val_frac)
-        labels = sorted({lab for _, _, lab in rows})
-        if len(labels) < 2:
+        found = label_order(lab for _, _, lab in rows)
+        if len(found) < 2:
             raise UserError(
-                f"{path} has {len(labels)} distinct label(s) {labels} in its training part; "
+                f"{path} has {len(found)} distinct label(s) {found} in its training part; "
                 "classification needs at least 2"
             )
-        return cls(
+        labels, mapping = name_labels(found, label_names)
+        rows = [(loc, t, mapping[lab]) for loc, t, lab in rows]
+        val_rows = [(loc, t, mapping.get(lab, lab)) for loc, t, lab in val_rows]
+        task = cls(
             tokenizer,
             [(t, lab) for _, t, lab in rows],
             [(t, lab) for _, t, lab in val_rows],
             labels,
             block_size,
             report,
+            locations=([loc for loc, _, _ in rows], [loc for loc, _, _ in val_rows]),
         )
+        by_name = {name: value for value, name in mapping.items()}
+        task.label_values = [by_name.get(name, name) for name in labels]
+        return task
 
     def _collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         x, n = pad_batch([ids for ids, _ in items], self.pad_id)
@@ -574,6 +638,9 @@ __all__ = [
     "collate_sft",
     "SFTTask",
     "read_classification",
+    "label_order",
+    "name_labels",
+    "truncation_advice",
     "ClassifyTask",
     "docstring_pairs",
     "DocstringTask",

@@ -51,16 +51,18 @@ def _autocast(device: torch.device):
 
 
 def progress_bar(enabled: bool = True):
-    """A rich progress bar with count, rate and ETA (shared by the evaluators); silent when disabled."""
+    """A rich progress bar with count, rate and ETA (shared by the evaluators), log lines on stderr when it
+    is not a terminal (yuyan.progress); silent when disabled."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         ProgressColumn,
         TextColumn,
         TimeRemainingColumn,
     )
     from rich.text import Text
+
+    from yuyan.progress import Progress
 
     class RateColumn(ProgressColumn):
         def render(self, task) -> Text:
@@ -74,6 +76,7 @@ def progress_bar(enabled: bool = True):
         TimeRemainingColumn(),
         transient=True,
         disable=not enabled,
+        unit="items",
     )
 
 

@@ -75,14 +75,17 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_result(result: dict, out_dir: str | os.PathLike, name: str | None = None) -> tuple[Path, Path]:
-    """Write `<out_dir>/<name>.json` and `<name>.md` (name defaults to the eval kind); return both paths."""
+def write_result(
+    result: dict, out_dir: str | os.PathLike, name: str | None = None, appendix: str = ""
+) -> tuple[Path, Path]:
+    """Write `<out_dir>/<name>.json` and `<name>.md` (name defaults to the eval kind; `appendix`, more
+    Markdown such as per-class tables, ends the report); return both paths."""
     out = Path(out_dir)
     name = name or result.get("eval", "result")
     j = atomic_write_text(
         out / f"{name}.json", json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
     )
-    m = atomic_write_text(out / f"{name}.md", to_markdown(result))
+    m = atomic_write_text(out / f"{name}.md", to_markdown(result) + appendix)
     return j, m
 
 

@@ -355,7 +355,9 @@ def evaluate_robustness(
         raise UserError(f"--rate {rate} is not in (0, 1]; it is the fraction of eligible units changed")
     attacks = parse_attacks(attacks)
     texts = [t for t, _ in examples]
-    gold = [y for _, y in examples]
+    # a gold label may be the data's value behind a class name ("0" for "neg"): compare names
+    name_of = getattr(classifier, "name_of", lambda y: y)
+    gold = [name_of(y) or y for _, y in examples]
     clean = [lab for lab, _ in classifier.predict(texts, batch_size=batch_size)]
     right = [p == y for p, y in zip(clean, gold, strict=True)]
     n = len(examples)

@@ -5,7 +5,8 @@
 `pooling="last"` reads the final hidden state of the last real token (with right padding and causal
 attention the pads never influence it), `pooling="mean"` averages the hidden states of the real tokens.
 A checkpoint stores the transformer as usual and the head as `extra_tensors` (`score.weight`,
-`score.bias`) with meta {"task": "classify", "labels": [...], "pooling": ...}, so any tool that ignores
+`score.bias`) with meta {"task": "classify", "labels": [...], "pooling": ...} (plus "label_values", the
+data's values behind the names, when `finetune --labels` named them), so any tool that ignores
 the head still opens the model. `Classifier.from_pretrained(spec)` and `predict(texts)` serve the saved
 model; `classification_metrics` gives accuracy, macro-F1 and the confusion matrix.
 """
@@ -25,14 +26,25 @@ POOLINGS = ("last", "mean")
 
 def encode_for_classify(tokenizer, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:
     """Token ids (text + EOT) per text, cut to max_len; returns (ids, how many were truncated)."""
+    ids, cut, _ = encode_for_classify_rows(tokenizer, texts, max_len)
+    return ids, len(cut)
+
+
+def encode_for_classify_rows(
+    tokenizer, texts: list[str], max_len: int
+) -> tuple[list[list[int]], list[int], int]:
+    """Like encode_for_classify, but returns (ids, the indices of the texts that were cut, the longest
+    text's token count with EOT), for a truncation report that names rows."""
     eot = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
-    out, cut = [], 0
-    for ids in tokenizer.encode_batch(list(texts)):
+    out, cut, longest = [], [], 0
+    for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
         ids = ids + eot
+        longest = max(longest, len(ids))
         if len(ids) > max_len:
-            ids, cut = ids[: max_len - len(eot)] + eot, cut + 1
+            ids = ids[: max_len - len(eot)] + eot
+            cut.append(i)
         out.append(ids if ids else eot or [0])
-    return out, cut
+    return out, cut, longest
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +59,24 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 class Classifier(nn.Module):
     """A transformer plus a linear head over its last-token (or mean) final hidden state."""
 
-    def __init__(self, model: nn.Module, labels: list[str], pooling: str = "last", tokenizer=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        labels: list[str],
+        pooling: str = "last",
+        tokenizer=None,
+        label_values: list[str] | None = None,
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(f"pooling {pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
         if len(labels) < 2:
             raise UserError(f"classification needs at least 2 labels, got {labels}; check the label column")
         self.model, self.labels, self.pooling, self.tokenizer = model, list(labels), pooling, tokenizer
+        # the label value in the data behind each class name (`finetune --labels neg,pos` over 0/1 labels)
+        self.label_values = list(label_values) if label_values is not None else list(self.labels)
+        if len(self.label_values) != len(self.labels):
+            raise UserError(f"{len(self.label_values)} label values for {len(self.labels)} labels {labels}")
         p = next(model.parameters())
         self.score = nn.Linear(model.config.d_model, len(labels), device=p.device, dtype=p.dtype)
         nn.init.normal_(self.score.weight, std=0.02)
@@ -79,7 +102,20 @@ class Classifier(nn.Module):
         return {"score.weight": self.score.weight.detach(), "score.bias": self.score.bias.detach()}
 
     def head_meta(self) -> dict:
-        return {"task": "classify", "labels": self.labels, "pooling": self.pooling}
+        meta = {"task": "classify", "labels": self.labels, "pooling": self.pooling}
+        if self.label_values != self.labels:
+            meta["label_values"] = self.label_values
+        return meta
+
+    def name_of(self, label: str) -> str | None:
+        """The class name for a label as the data writes it: a class name, or the value behind one
+        ("1" for "pos" after `--labels neg,pos`); None for a label the head does not know."""
+        label = str(label).strip()
+        if label in self.labels:
+            return label
+        if label in self.label_values:
+            return self.labels[self.label_values.index(label)]
+        return None
 
     def load_head(self, extra: dict[str, torch.Tensor]) -> None:
         w, b = extra.get("score.weight"), extra.get("score.bias")
@@ -100,7 +136,13 @@ class Classifier(nn.Module):
                 f"{lm.path} has no classification head; fine-tune one with "
                 "`yuyan finetune --task classify --data FILE` or use prompting"
             )
-        clf = cls(lm.model, lm.meta["labels"], lm.meta.get("pooling", "last"), lm.tokenizer)
+        clf = cls(
+            lm.model,
+            lm.meta["labels"],
+            lm.meta.get("pooling", "last"),
+            lm.tokenizer,
+            lm.meta.get("label_values"),
+        )
         clf.load_head(lm.extra_tensors)
         return clf.eval()
 
@@ -135,6 +177,20 @@ class Classifier(nn.Module):
         self.train(was)
         return out
 
+    @torch.no_grad()
+    def predict_ids(self, ids: list[list[int]]) -> list[tuple[str, dict[str, float]]]:
+        """predict() for texts already encoded (encode_for_classify), in one batch."""
+        was = self.training
+        self.eval()
+        x, n = pad_batch(ids, (self.tokenizer.pad_id or 0) if self.tokenizer is not None else 0)
+        dev = next(self.parameters()).device
+        probs = F.softmax(self(x.to(dev), n.to(dev)).float(), -1).cpu()  # (B, n_labels)
+        self.train(was)
+        return [
+            (self.labels[int(row.argmax())], {lab: float(p) for lab, p in zip(self.labels, row, strict=True)})
+            for row in probs
+        ]
+
 
 def classification_metrics(y_true: list[int], y_pred: list[int], n_labels: int) -> dict:
     """Accuracy, macro-F1 (over labels present in truth or predictions) and the confusion matrix
@@ -155,4 +211,11 @@ def classification_metrics(y_true: list[int], y_pred: list[int], n_labels: int) 
     }
 
 
-__all__ = ["Classifier", "classification_metrics", "encode_for_classify", "pad_batch", "POOLINGS"]
+__all__ = [
+    "Classifier",
+    "classification_metrics",
+    "encode_for_classify",
+    "encode_for_classify_rows",
+    "pad_batch",
+    "POOLINGS",
+]

@@ -10,7 +10,8 @@ transposes Conv1D weights ((in, out) on disk) and splits the fused `c_attn` into
 its fused `qkv_proj` and `gate_up_proj`. Weights come from
 model.safetensors, a sharded `*.index.json`, or pytorch_model.bin through `torch.load(weights_only=True)`
 (never a full unpickle). Export writes config.json, model.safetensors, the tokenizer files and
-generation_config.json atomically, so `transformers.AutoModelForCausalLM.from_pretrained` and
+generation_config.json atomically (a classifier adds its class names as id2label / label2id and its head as
+classifier_head.safetensors, which import reads back), so `transformers.AutoModelForCausalLM.from_pretrained` and
 `AutoTokenizer.from_pretrained` open the folder.
 
 An export ends turns where `yuyan chat` and `yuyan serve` do: with our chat role tokens, `eos_token_id` in
@@ -508,14 +509,16 @@ def load_hf(folder: str | os.PathLike, device: torch.device | str | None = None)
     with torch.no_grad():
         model.load_state_dict(sd, strict=False)  # copies, converting fp16/bf16 files to float32
     model.eval()
-    meta = {"source": "huggingface", "hf_model_type": raw["model_type"]}
+    head_meta, head = classifier_head_from_hf(p, raw)
+    check_finite(head, str(p))
+    meta = {"source": "huggingface", "hf_model_type": raw["model_type"], **head_meta}
     gen = p / "generation_config.json"
     if gen.exists():
         with contextlib.suppress(ValueError, AttributeError):  # optional; a broken one does not stop the load
             meta["generation_config"] = {
                 k: v for k, v in json.loads(gen.read_text(encoding="utf-8")).items() if k in GENERATION_KEYS
             }
-    return LanguageModel(model, tokenizer, p, meta, {})
+    return LanguageModel(model, tokenizer, p, meta, head)
 
 
 GENERATION_KEYS = (
@@ -855,6 +858,59 @@ def _tokenizer_files(tokenizer: Tokenizer, block_size: int, chat: bool = False) 
     return cfg, special
 
 
+# A classifier's head beside the causal LM: HF's *ForSequenceClassification heads have no bias and pool
+# the last non-pad token of an input without our end-of-text token, so ours is not theirs; its tensors go
+# in their own file and its class names in config.json's id2label / label2id, which transformers reads.
+CLASSIFIER_HEAD_FILE = "classifier_head.safetensors"
+
+
+def classifier_head_to_hf(lm: LanguageModel) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(config.json keys, head tensors) of a classifier checkpoint (meta task classify), else None."""
+    if lm.meta.get("task") != "classify" or "score.weight" not in lm.extra_tensors:
+        return None
+    labels = [str(x) for x in lm.meta["labels"]]
+    keys = {
+        "id2label": {str(i): lab for i, lab in enumerate(labels)},
+        "label2id": {lab: i for i, lab in enumerate(labels)},
+        "yuyan_classifier": {
+            "pooling": lm.meta.get("pooling", "last"),
+            "file": CLASSIFIER_HEAD_FILE,
+            **({"label_values": lm.meta["label_values"]} if "label_values" in lm.meta else {}),
+        },
+    }
+    tensors = {
+        k: v.detach().contiguous().cpu() for k, v in lm.extra_tensors.items() if k.startswith("score.")
+    }
+    return keys, tensors
+
+
+def classifier_head_from_hf(folder: Path, raw: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, extra tensors) of the classifier head an export wrote (classifier_head_to_hf); ({}, {})
+    when the folder has none. The class names come from config.json's id2label."""
+    spec = raw.get("yuyan_classifier")
+    if not isinstance(spec, dict):
+        return {}, {}
+    f = folder / CLASSIFIER_HEAD_FILE
+    id2label = raw.get("id2label")
+    if not f.is_file() or not isinstance(id2label, dict):
+        raise UserError(
+            f"{folder}/config.json describes a classifier head but {CLASSIFIER_HEAD_FILE} or id2label is "
+            "missing; export the classifier again with `yuyan convert to-hf`"
+        )
+    try:
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except ValueError:
+        raise UserError(f"{folder}/config.json: id2label keys must be class numbers 0..K-1") from None
+    try:
+        tensors = load_file(str(f))
+    except SafetensorError as e:
+        raise UserError(f"{f} is not a readable safetensors file ({e})") from None
+    meta = {"task": "classify", "labels": labels, "pooling": spec.get("pooling", "last")}
+    if isinstance(spec.get("label_values"), list):
+        meta["label_values"] = [str(v) for v in spec["label_values"]]
+    return meta, tensors
+
+
 def export_hf(
     lm_or_model: LanguageModel | Transformer,
     tokenizer: Tokenizer | None,
@@ -895,9 +951,14 @@ def export_hf(
     config = ours_config_to_hf(model.config, auto, tokenizer, model.embed_tokens.weight.dtype, chat)
     tok_cfg, special = _tokenizer_files(tokenizer, model.config.block_size, chat)
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    head = classifier_head_to_hf(lm_or_model) if isinstance(lm_or_model, LanguageModel) else None
+    if head is not None:
+        config.update(head[0])
 
     def write(tmp: Path) -> None:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if head is not None:
+            save_file(head[1], str(tmp / CLASSIFIER_HEAD_FILE), metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
         tokenizer.save(tmp)
         write_json(tmp / "tokenizer_config.json", tok_cfg)
@@ -934,6 +995,9 @@ def download(name: str) -> Path:
 __all__ = [
     "load_hf",
     "export_hf",
+    "classifier_head_to_hf",
+    "classifier_head_from_hf",
+    "CLASSIFIER_HEAD_FILE",
     "download",
     "hf_config_to_ours",
     "hf_to_ours",

@@ -4,7 +4,7 @@ scheduler.
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with and without
 `stream: true`, server-sent events ending with `data: [DONE]`), POST /v1/inspect/attention (for the
 playground) and the web playground at `/` (static files shipped in the package); endpoints.py adds POST
-/v1/embeddings, POST /tokenize, POST /detokenize and GET /metrics. `create_app` makes the
+/v1/embeddings, POST /tokenize, POST /detokenize, GET /metrics and POST /v1/classify (for a classifier). `create_app` makes the
 scheduler, ties it to the app's lifespan, puts the guards in front and installs the error handlers
 (guards.py); the routes are a few lines each over what the app holds (`Server`): a request body becomes
 prompt ids and a `GenerationConfig` (protocol.py), each prompt is one `Scheduler.submit` (job.py), and
@@ -32,6 +32,7 @@ from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig
 from yuyan.generate.scheduler import Scheduler
 from yuyan.model.checkpoint import LanguageModel
+from yuyan.model.heads import Classifier
 from yuyan.serve import endpoints, protocol
 from yuyan.serve.config import ServeConfig
 from yuyan.serve.guards import ApiError, Guard, install_error_handlers
@@ -69,6 +70,7 @@ class Server:
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="yuyan-prepare")
     )
     created: int = field(default_factory=lambda: int(time.time()))
+    classifier: Classifier | None = None  # a checkpoint's classification head (POST /v1/classify)
 
     async def off_loop(self, fn: Callable, *args):
         """fn(*args) on the prepare thread."""
@@ -121,7 +123,11 @@ def create_app(
     )
     app = _api()
     prompts = protocol.Prompts.of(lm.tokenizer, sched.block_size)
-    app.state.server = Server(lm, sched, config, own=scheduler is None, prompts=prompts)
+    has_head = lm.meta.get("task") == "classify" and "score.weight" in lm.extra_tensors
+    classifier = Classifier.from_language_model(lm) if has_head else None
+    app.state.server = Server(
+        lm, sched, config, own=scheduler is None, prompts=prompts, classifier=classifier
+    )
     app.state.scheduler, app.state.config = sched, config
     app.add_middleware(Guard, config=config, generation_body_bytes=prompts.body_bytes(config.max_n))
     endpoints.instrument(app)  # after the Guard: its refusals are counted too

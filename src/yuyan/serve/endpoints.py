@@ -1,5 +1,5 @@
 """The server's endpoints beside generation: OpenAI's POST /v1/embeddings, vLLM's POST /tokenize and POST
-/detokenize, and GET /metrics in Prometheus' text format.
+/detokenize, GET /metrics in Prometheus' text format, and POST /v1/classify for a classifier checkpoint.
 
 An embedding is the mean over an input's tokens of the model's final hidden states (after the final norm,
 `Transformer.hidden`), L2-normalised, as float32. `dimensions` is refused unless it equals the model's
@@ -19,6 +19,10 @@ running rows (read when scraped), and histograms of request latency (to the last
 token and time per output token. The token times are taken where the scheduler emits each event (a wrapper
 of the `emit` callback a request is submitted with: one clock read and one observation per token), from the
 request's submission, after tokenising, to its first token, then between a choice's tokens.
+/v1/classify answers, for a model fine-tuned with `--task classify`, each text's class name and per-class
+probabilities from `Classifier.predict_ids` (the checkpoint's head and class names); like embeddings, the
+forward passes are background calls on the scheduler thread, in chunks of EMBED_CHUNK_TOKENS padded tokens.
+Any other model answers 400 naming `model`.
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ from yuyan.model.transformer import Transformer
 from yuyan.serve import protocol
 from yuyan.serve.guards import ApiError
 from yuyan.serve.schemas import (
+    MAX_CLASSIFY_INPUTS,
     MAX_EMBED_INPUTS,
     ChatCompletionRequest,
+    ClassifyRequest,
+    ClassifyResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingRequest,
@@ -205,6 +212,62 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens})
     data = b",".join(parts[i] for i in range(len(ids)))
     tail = f'],"model":{json.dumps(s.config.model_name)},"usage":{usage}}}'
+    return Response(b'{"object":"list","data":[' + data + tail.encode(), media_type="application/json")
+
+
+# ------------------------------------------------------------------------------------------------ classify
+def classify_inputs(body: ClassifyRequest, s) -> list[list[int]]:
+    """The token ids of each text (cut to the context), checked: the model name, a classification head,
+    1 to MAX_CLASSIFY_INPUTS texts, none empty. Tokenises: run it off the event loop."""
+    from yuyan.model.heads import encode_for_classify
+
+    protocol.check_model(body.model, s.config)
+    if s.classifier is None:
+        raise ApiError(
+            400,
+            f"{s.config.model_name!r} has no classification head; serve a checkpoint fine-tuned with "
+            "`yuyan finetune --task classify`",
+            "model",
+        )
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not 1 <= len(texts) <= MAX_CLASSIFY_INPUTS:
+        raise ApiError(400, f"input must hold 1 to {MAX_CLASSIFY_INPUTS} texts", "input")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ApiError(400, f"input[{i}] is empty", f"input[{i}]")
+    try:
+        ids, _ = encode_for_classify(s.lm.tokenizer, texts, s.classifier.config.block_size)
+    except UserError as e:
+        raise ApiError(400, str(e), "input") from None
+    return ids
+
+
+def classify_json(classifier, ids: list[list[int]], group: list[int]) -> list[bytes]:
+    """The answers of the inputs `group` as JSON objects (on the scheduler thread)."""
+    out = classifier.predict_ids([ids[i] for i in group])
+    return [
+        json.dumps({"index": i, "label": label, "probs": probs}, ensure_ascii=False).encode()
+        for i, (label, probs) in zip(group, out, strict=True)
+    ]
+
+
+@router.post("/v1/classify", responses={200: {"model": ClassifyResponse}, **BODY_ERRORS})
+async def classify(body: ClassifyRequest, request: Request):
+    """The served classifier's class name and per-class probabilities for each text."""
+    s = request.app.state.server
+    ids = await s.off_loop(classify_inputs, body, s)
+    parts: dict[int, bytes] = {}
+    for group in embedding_chunks(ids):
+        work = s.sched.run_exclusive(lambda g=group: classify_json(s.classifier, ids, g), background=True)
+        parts.update(zip(group, await asyncio.wrap_future(work), strict=True))
+    tokens = sum(len(x) for x in ids)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.prompt_tokens.inc(tokens)
+    usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens})
+    data = b",".join(parts[i] for i in range(len(ids)))
+    labels = json.dumps(s.classifier.labels, ensure_ascii=False)
+    tail = f'],"model":{json.dumps(s.config.model_name)},"labels":{labels},"usage":{usage}}}'
     return Response(b'{"object":"list","data":[' + data + tail.encode(), media_type="application/json")
 
 

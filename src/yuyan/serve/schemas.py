@@ -426,7 +426,36 @@ class DetokenizeResponse(_Open):
     prompt: str
 
 
+# POST /v1/classify (serve/endpoints.py): the served classifier's class and per-class probabilities per text
+MAX_CLASSIFY_INPUTS = 2048
+
+
+class ClassifyRequest(_Strict):
+    """Texts to label with the served model's classification head (a text or a list of texts); a text
+    longer than the context is cut to it, as `Classifier.predict` cuts it."""
+
+    input: str | list[str] = Field(max_length=1_000_000)
+    model: str | None = Field(None, max_length=256)
+
+
+class Classification(_Open):
+    index: int
+    label: str  # the class name (the checkpoint's labels, e.g. from `finetune --labels neg,pos`)
+    probs: dict[str, float]
+
+
+class ClassifyResponse(_Open):
+    object: Literal["list"]
+    data: list[Classification]
+    model: str
+    labels: list[str]
+    usage: EmbeddingUsage
+
+
 __all__ += [
+    "ClassifyRequest",
+    "ClassifyResponse",
+    "MAX_CLASSIFY_INPUTS",
     "DetokenizeRequest",
     "DetokenizeResponse",
     "EmbeddingRequest",

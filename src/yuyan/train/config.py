@@ -74,6 +74,7 @@ class TrainSection:
     muon_lr: float = 0.02  # Muon's learning rate at the schedule's peak (scaled by the schedule like lr)
     compile: bool = False
     log_every: int = 10
+    progress_seconds: float = 10.0  # off a terminal (a log file, a pipe): seconds between progress lines
 
 
 @dataclass
@@ -154,6 +155,7 @@ class TrainConfig:
                 "matrices, FSDP2 gives each rank a shard of them): use distributed = ddp or train.optimizer adamw",
             ),
             (t.max_steps > 0 or t.max_time > 0, "set train.max_steps or train.max_time (> 0)"),
+            (t.progress_seconds >= 0, "train.progress_seconds must be >= 0"),
             (len(t.betas) == 2, "train.betas takes two numbers, e.g. 0.9,0.95"),
             (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),
             (self.distributed in D.STRATEGIES, f"distributed must be one of {', '.join(D.STRATEGIES)}"),

@@ -50,6 +50,7 @@ class FinetuneOptions:
     label_field: str = "label"
     pooling: str = "last"  # classify: last | mean
     template: str = "chat"  # sft prompt/completion records: chat (role tokens) | plain (concatenation)
+    labels: list[str] | None = None  # classify: class names (yuyan.data.tasks.name_labels); None: the data's
     extra: dict = field(default_factory=dict)  # recorded in the checkpoint meta
 
 
@@ -58,11 +59,19 @@ def build_task(lm, opts: FinetuneOptions, out: Path, cfg: TrainConfig):
     from yuyan.data.tasks import ClassifyTask, LMTask, SFTTask
 
     tok, block = lm.tokenizer, lm.model.config.block_size
+    if opts.labels is not None and opts.task != "classify":
+        raise UserError(f"--labels names classification classes; --task {opts.task} has none: drop it")
     if opts.task == "sft":
         return SFTTask.from_files(opts.data, tok, block, opts.val_data or None, opts.template)
     if opts.task == "classify":
         return ClassifyTask.from_files(
-            opts.data, tok, block, opts.val_data or None, opts.text_field, opts.label_field
+            opts.data,
+            tok,
+            block,
+            opts.val_data or None,
+            opts.text_field,
+            opts.label_field,
+            label_names=opts.labels,
         )
     if opts.task == "lm":
         from yuyan.data.shards import TokenShards, prepare
@@ -134,7 +143,7 @@ def finetune(
 
     net: nn.Module = lm.model
     if opts.task == "classify":
-        net = Classifier(lm.model, task.labels, opts.pooling, lm.tokenizer)
+        net = Classifier(lm.model, task.labels, opts.pooling, lm.tokenizer, task.label_values)
         if lm.meta.get("task") == "classify" and lm.meta.get("labels") == task.labels:
             net.load_head(lm.extra_tensors)  # continue training a saved head
         if not lm.model.lm_head_weight_tied():

@@ -45,7 +45,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
@@ -72,6 +71,7 @@ from yuyan.model.checkpoint import (
 )
 from yuyan.model.precision import PrecisionChoice, attention_upcast, upcast_attention
 from yuyan.model.precision import choose as choose_precision
+from yuyan.progress import Progress
 from yuyan.train import distributed as D
 from yuyan.train.config import PRECISIONS, TrainConfig, TrainSection, config_to_toml
 from yuyan.train.optim import build_optimizer, lr_at, set_lr
@@ -131,9 +131,11 @@ def fit(
     files = _RunFiles(out, info.is_main, config_to_toml(cfg), tstate)
     state = _TrainState.start(tc, tstate)  # the run's clock starts here
     saver = _Checkpointer(out, cfg, parts, tokenizer, task, data_gen, info, export, meta)
-    budget = _TimeBudget(tc, state.step, info)
+    budget = _TimeBudget(tc, state.step, info, console)
     running = _RunningLoss(info.device, state)
-    progress, bar = _progress_bar(console, None if budget.seconds > 0 else state.total_steps, state.step)
+    progress, bar = _progress_bar(
+        console, None if budget.seconds > 0 else state.total_steps, state.step, tc.progress_seconds
+    )
 
     # ---- the loop: one optimizer step, then logging, evaluation, the stop checks and periodic checkpoints
     interrupted, last_val = False, None
@@ -419,22 +421,33 @@ class _TimeBudget:
     clock (`out_of_time`), which sees the sudden slowdowns that the step-count fit cannot.
     """
 
-    def __init__(self, tc: TrainSection, start_step: int, info: D.DistInfo):
+    def __init__(self, tc: TrainSection, start_step: int, info: D.DistInfo, console: Console | None = None):
         self.seconds, self.max_steps, self.info = tc.max_time, tc.max_steps, info
+        if console is not None:
+            self.announce(console)
         self.start_step = start_step
         self.measure_at = start_step + 3  # steps before this one warm caches (and compile)
         self.refit_at = self.measure_at if self.seconds > 0 else None
         self.marks: list[tuple[int, float]] = []  # (step, elapsed) at each refit
         self.last_step_t = 0.0  # elapsed() at the end of the previous step, for the clock stop
 
+    def announce(self, console: Console) -> None:
+        """No hidden cap: with both a time budget and a step limit, say that either may end the run."""
+        if self.seconds > 0 and self.max_steps > 0:
+            console.print(
+                f"budget: {self.seconds:g} s of training or {self.max_steps} steps (train.max_steps), "
+                "whichever comes first; set train.max_steps 0 for the time budget alone"
+            )
+
     def before_step(self, state: _TrainState) -> bool:
-        """Refit state.total_steps when due (True then) and start the step clock once caches are warm."""
+        """Refit state.total_steps when due (True when that fitted a length) and start the step clock once
+        caches are warm."""
         refitted = self.refit_at is not None and state.step >= self.refit_at
         if refitted:
             state.total_steps = self._refit(state)
         if state.step == self.measure_at:
             self.last_step_t = state.elapsed()
-        return refitted
+        return refitted and len(self.marks) > 1  # the first refit only starts measuring: no length yet
 
     def _refit(self, state: _TrainState) -> int:
         """The new total_steps (the same on every rank), and when to refit next."""
@@ -680,8 +693,11 @@ def _summary(
     }
 
 
-def _progress_bar(console: Console, total: int | None, completed: int) -> tuple[Progress, TaskID]:
-    """The training progress bar (steps, loss, rate, ETA) and its task; `total` None: not known yet."""
+def _progress_bar(
+    console: Console, total: int | None, completed: int, log_seconds: float
+) -> tuple[Progress, TaskID]:
+    """The training progress bar (steps, loss, rate, ETA) and its task; `total` None: not known yet. Off a
+    terminal, a log line every `log_seconds` instead (yuyan.progress)."""
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -693,6 +709,8 @@ def _progress_bar(console: Console, total: int | None, completed: int) -> tuple[
         console=console,
         disable=console.quiet,
         transient=False,
+        log_seconds=log_seconds,
+        unit="steps",
     )
     return progress, progress.add_task("train", total=total, completed=completed, info="")
 
