@@ -3,9 +3,12 @@
 A thin adapter over `yuyan.train.finetune.finetune`; training settings come from the TrainConfig
 dataclass (an optional --config TOML plus `--section.key value` overrides, e.g. `--train.lr 1e-4`), with
 the most common ones (--max-steps, --max-time, --lr, --batch-size) and the DP ones (--dp-epsilon,
---dp-delta, --dp-max-grad-norm: the [privacy] section) as direct options. --help lists every setting with
-its fine-tuning default. A time budget given alone (--max-time, or train.max_time without train.max_steps)
-is the run's only limit: the default step count does not cap it.
+--dp-delta, --dp-max-grad-norm: the [privacy] section) as direct options. The classification recipe's
+options (--pooling, --dropout, --class-weights, --bucket, --val-examples: the [classify] section;
+--best-metric, --patience: [eval]) are direct options too, and --pretrain-minutes pre-trains a model and
+tokenizer on the classification data's own texts before fine-tuning (no --model then). --help lists
+every setting with its fine-tuning default. A time budget given alone (--max-time, or train.max_time
+without train.max_steps) is the run's only limit: the default step count does not cap it.
 """
 
 from __future__ import annotations
@@ -16,13 +19,20 @@ from pathlib import Path
 import typer
 
 from yuyan.cli.app import app
-from yuyan.cli.common import FORCE, MODEL, run_folder
+from yuyan.cli.common import FORCE, MODEL_HELP, run_folder
 from yuyan.cli.train import settings_help
 from yuyan.errors import UserError
 from yuyan.train.finetune import default_train_config
 
 DEFAULTS = default_train_config()  # the fine-tuning defaults, shown in --help
-SECTIONS = ("train", "eval", "checkpoint", "privacy", "distributed")  # what a fine-tuning run reads
+SECTIONS = (
+    "train",
+    "eval",
+    "checkpoint",
+    "privacy",
+    "distributed",
+    "classify",
+)  # what a fine-tuning run reads
 
 EXAMPLE = """
 Example:
@@ -33,10 +43,48 @@ Example:
 
   yuyan finetune --model runs/demo/final --task classify --data train.tsv --text-field 0 --label-field 1 --labels neg,pos --max-time 600 --eval.every 100 --out runs/cls
 
+  yuyan finetune --task classify --data reviews.csv --pretrain-minutes 4 --max-time 150 --out runs/cls
+
 Settings (--section.key value, e.g. --train.warmup 20; the fine-tuning defaults):
 
 {settings}
 """
+
+# the [classify] defaults (yuyan.train.config.ClassifySection; tests/test_classify_recipe.py holds these
+# help texts to them), written out so that `--help` needs no torch import
+CLASSIFY_HELP = {
+    "pooling": "classify: last (last real token) | mean (over the real tokens) (default: mean)",
+    "dropout": "classify: dropout on the pooled state before the head (default: 0.1)",
+    "class_weights": "classify: loss weights: none | balanced | LABEL=W,LABEL=W (others 1) (default: none)",
+    "bucket": "classify: batches of similar length, every example once per epoch (default: bucket)",
+    "val_examples": "classify: periodic evaluations score a fixed sample of this many val examples; "
+    "the final one all (0: all) (default: 512)",
+}
+
+
+def _check_recipe_flags(
+    task: str, model: str | None, classify_flags: dict, pretrain_minutes: float, best_metric: str | None
+) -> None:
+    """The classification recipe's flags, refused (one line) where they cannot apply."""
+    if task != "classify":
+        given = [k for k, v in classify_flags.items() if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} applies to --task classify only (this run is --task {task})")
+    if pretrain_minutes < 0:
+        raise UserError(f"--pretrain-minutes must be >= 0 (0: off), got {pretrain_minutes:g}")
+    if model is None and not pretrain_minutes:
+        raise UserError(
+            "no model: pass --model M, or --pretrain-minutes M to pre-train one on the task's text"
+        )
+    if model is not None and pretrain_minutes:
+        raise UserError(
+            "--pretrain-minutes pre-trains a new model and tokenizer on the task's text; drop --model "
+            "(or drop --pretrain-minutes to fine-tune --model)"
+        )
+    if best_metric is not None and best_metric not in ("accuracy", "macro_f1", "loss"):
+        raise UserError(f"--best-metric must be accuracy, macro_f1 or loss, got {best_metric!r}")
+    if best_metric in ("accuracy", "macro_f1") and task != "classify":
+        raise UserError(f"--best-metric {best_metric} is a classification metric; --task {task} reports loss")
 
 
 @app.command(
@@ -47,7 +95,9 @@ Settings (--section.key value, e.g. --train.warmup 20; the fine-tuning defaults)
 )
 def finetune_cmd(
     ctx: typer.Context,
-    model: str = MODEL,
+    model: str | None = typer.Option(
+        None, "--model", "-m", help=MODEL_HELP + " (required unless --pretrain-minutes; default: none)"
+    ),
     task: str = typer.Option("sft", "--task", help="lm | sft | classify"),
     data: str = typer.Option(
         ...,
@@ -90,7 +140,29 @@ def finetune_cmd(
         help="classify: class names, e.g. neg,pos (the data's labels are those names, or 0,1 for neg,pos), "
         "or VALUE=NAME pairs, e.g. 1=neg,2=pos (default: the data's label values)",
     ),
-    pooling: str = typer.Option("last", "--pooling", help="classify: last (last real token) | mean"),
+    pooling: str | None = typer.Option(None, "--pooling", help=CLASSIFY_HELP["pooling"]),
+    dropout: float | None = typer.Option(None, "--dropout", help=CLASSIFY_HELP["dropout"]),
+    class_weights: str | None = typer.Option(None, "--class-weights", help=CLASSIFY_HELP["class_weights"]),
+    bucket: bool | None = typer.Option(None, "--bucket/--no-bucket", help=CLASSIFY_HELP["bucket"]),
+    val_examples: int | None = typer.Option(None, "--val-examples", help=CLASSIFY_HELP["val_examples"]),
+    best_metric: str | None = typer.Option(
+        None,
+        "--best-metric",
+        help="the val metric that picks best/ and drives --patience: accuracy | macro_f1 | loss "
+        "(default: accuracy for classify, loss otherwise)",
+    ),
+    patience: int | None = typer.Option(
+        None,
+        "--patience",
+        help="stop after this many evaluations (every --eval.every steps) without a better --best-metric; "
+        "0: never (default: 8 for classify, 0 otherwise)",
+    ),
+    pretrain_minutes: float = typer.Option(
+        0.0,
+        "--pretrain-minutes",
+        help="classify: first train a tokenizer and pre-train the demo model on the training texts for "
+        "this many minutes (in OUT/pretrain), then fine-tune it; no --model (default: 0, off)",
+    ),
     template: str = typer.Option(
         "chat", "--template", help="sft prompt/completion: chat (role tokens) | plain"
     ),
@@ -136,12 +208,21 @@ def finetune_cmd(
 ) -> None:
     from yuyan.config import apply_overrides, from_dict, load_toml, parse_overrides
     from yuyan.model.lora import LoRAConfig
-    from yuyan.train.config import TrainConfig
-    from yuyan.train.finetune import TASKS, FinetuneOptions, finetune
+    from yuyan.train.config import FinetuneConfig
+    from yuyan.train.finetune import TASKS, FinetuneOptions, default_train_config, finetune
 
     if task not in TASKS:
         raise UserError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
-    lock = run_folder(out, force, model, data, val_data, command="finetune")
+    classify_flags = {
+        "--pooling": pooling,
+        "--dropout": dropout,
+        "--class-weights": class_weights,
+        "--bucket/--no-bucket": bucket,
+        "--val-examples": val_examples,
+        "--pretrain-minutes": pretrain_minutes or None,
+    }
+    _check_recipe_flags(task, model, classify_flags, pretrain_minutes, best_metric)
+    lock = run_folder(out, force, *([model] if model else []), data, val_data, command="finetune")
     overrides = parse_overrides(list(ctx.args))
     for key, val in (
         ("train.max_steps", max_steps),
@@ -151,15 +232,25 @@ def finetune_cmd(
         ("privacy.epsilon", dp_epsilon),
         ("privacy.delta", dp_delta),
         ("privacy.max_grad_norm", dp_max_grad_norm),
+        ("classify.pooling", pooling),
+        ("classify.dropout", dropout),
+        ("classify.class_weights", class_weights),
+        ("classify.bucket", bucket),
+        ("classify.val_examples", val_examples),
+        ("eval.best_metric", best_metric),
+        ("eval.patience", patience),
     ):
         if val is not None:
             overrides[key] = str(val)
     toml = load_toml(config) if config else {}
-    cfg = from_dict(TrainConfig, toml, str(config)) if config else default_train_config()
+    cfg = from_dict(FinetuneConfig, toml, str(config)) if config else default_train_config(task)
     steps_given = "train.max_steps" in overrides or "max_steps" in toml.get("train", {})
     if "train.max_time" in overrides and not steps_given:
         overrides["train.max_steps"] = "0"  # a time budget alone: no step limit besides it
     cfg = apply_overrides(cfg, overrides)
+    patience_given = "eval.patience" in overrides or "patience" in toml.get("eval", {})
+    if cfg.eval.every == 0 and not patience_given:
+        cfg.eval.patience = 0  # the classify default's early stopping needs periodic evaluations: none asked
     cfg.validate()  # bad settings (a DP epsilon <= 0, ...) before the model is loaded
     lora = None
     if lora_rank > 0:
@@ -174,7 +265,7 @@ def finetune_cmd(
         save_adapter=save_adapter,
         text_field=text_field,
         label_field=label_field,
-        pooling=pooling,
+        pretrain_minutes=pretrain_minutes,
         template=template,
         labels=labels.split(",") if labels is not None else None,
     )
@@ -192,6 +283,9 @@ def finetune_cmd(
             "trainable_params",
             "total_params",
             "interrupted",
+            "early_stopped",
+            "best",
+            "pretrain",
             "privacy",
         )
     }

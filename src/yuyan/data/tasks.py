@@ -13,7 +13,10 @@ unseen in training); a missing column or a file with no usable example is a `Use
   `template="plain"`). Loss only on the assistant/completion tokens: labels are -100 elsewhere, batches are
   right-padded with pad tokens whose labels are -100 (no cross-example attention, unlike naive packing).
 - Classification: CSV, TSV or JSONL with text and label columns (names or 0-based indices; one reader,
-  yuyan.data.tables, with header detection); label values may be given names (`name_labels`).
+  yuyan.data.tables, with header detection); label values may be given names (`name_labels`);
+  optional class weights in the loss, length-bucketed batches (`LengthBuckets`: every example once
+  per epoch, little padding), periodic evaluation on a fixed sample of the val split and the whole
+  split at the end.
 - Docstring: from the stdlib corpus (split like the corpus), pairs (function source without its docstring
   -> first line of its docstring) extracted with `ast`, in a deterministic order.
 Without a separate validation file, a deterministic 10% of the examples (lowest sha256 of their content)
@@ -55,6 +58,8 @@ class LMTask:
     `iter_sequential(split, batch_size, block_size)` yielding (x, y) and `bytes_per_token(split)`
     (yuyan.data.shards.TokenShards).
     """
+
+    metric_names = ("loss", "ppl", "bpb")  # what evaluate() reports that eval.best_metric may name
 
     def __init__(
         self,
@@ -253,6 +258,8 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: 
 class SFTTask:
     """Supervised fine-tuning: next-token loss on assistant/completion tokens only."""
 
+    metric_names = ("loss", "ppl")
+
     def __init__(
         self,
         train: list,
@@ -412,9 +419,110 @@ def truncation_advice(cut: int, total: int, block_size: int, longest: int) -> st
     )
 
 
+def classification_split(
+    path: str | os.PathLike,
+    val_path: str | None,
+    text_field: str,
+    label_field: str,
+    report: DataReport,
+    val_frac: float = 0.1,
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(train rows, val rows) of (location, text, label): `val_path`'s rows, or else a deterministic
+    `val_frac` of `path` held out (`split_holdout` on text and label)."""
+    rows = read_classification(path, text_field, label_field, report)
+    if val_path:
+        return rows, read_classification(val_path, text_field, label_field, report)
+    return split_holdout(rows, [f"{t}\t{lab}" for _, t, lab in rows], val_frac)
+
+
+def parse_class_weights(spec: str, labels: list[str], counts: Counter) -> list[float] | None:
+    """Loss weights per label from "none", "balanced" (n / (k * n_label), as scikit-learn's) or
+    "LABEL=W,LABEL=W" (unnamed labels weigh 1); None for "none"."""
+    spec = spec.strip()
+    if spec in ("", "none"):
+        return None
+    if spec == "balanced":
+        n, k = sum(counts[lab] for lab in labels), len(labels)
+        return [n / (k * counts[lab]) if counts[lab] else 1.0 for lab in labels]
+    weights = dict.fromkeys(labels, 1.0)
+    for part in spec.split(","):
+        name, eq, w = part.strip().rpartition("=")
+        if not eq or name not in weights:
+            raise UserError(
+                f"classify.class_weights {spec!r}: {part.strip()!r} is not LABEL=WEIGHT for a label of the "
+                f"data ({', '.join(labels)}); or use none | balanced"
+            )
+        try:
+            weights[name] = float(w)
+        except ValueError:
+            raise UserError(f"classify.class_weights: {w!r} (for {name!r}) is not a number") from None
+        if not math.isfinite(weights[name]) or weights[name] <= 0:
+            raise UserError(f"classify.class_weights: the weight of {name!r} must be > 0, got {w}")
+    return [weights[lab] for lab in labels]
+
+
+class LengthBuckets:
+    """Training batches of similar length, every example exactly once per epoch.
+
+    An epoch's order: a seeded permutation, cut into windows of `window` batches; each window sorted by
+    length and cut into batches; the batches shuffled. Batches are read from that order as one stream, so a
+    batch that meets an epoch's end is completed from the start of the next epoch's order (every batch is
+    full, which DDP's slicing needs). The order depends only on (base seed, epoch, batch size), so the
+    state is three integers and a resumed run draws what the uninterrupted run would have.
+    """
+
+    def __init__(self, lengths: list[int], window: int = 32):
+        self.lengths, self.window = lengths, window
+        self.base: int | None = None  # drawn from the run's generator at the first batch
+        self.epoch, self.pos = 0, 0
+        self._cache: tuple[int, int, list[int]] | None = None  # (epoch, batch size, order)
+
+    def order(self, epoch: int, batch_size: int) -> list[int]:
+        """Example indices of one epoch, batch after batch (a permutation of range(n))."""
+        if self._cache is not None and self._cache[:2] == (epoch, batch_size):
+            return self._cache[2]
+        g = torch.Generator().manual_seed((self.base or 0) + epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        span = batch_size * self.window
+        batches = []
+        for w in range(0, len(perm), span):
+            chunk = sorted(perm[w : w + span], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        out = [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+        self._cache = (epoch, batch_size, out)
+        return out
+
+    def next(self, batch_size: int, generator: torch.Generator) -> list[int]:
+        if self.base is None:
+            self.base = int(torch.randint(2**31, (1,), generator=generator))
+        idx: list[int] = []
+        while len(idx) < batch_size:
+            order = self.order(self.epoch, batch_size)
+            take = order[self.pos : self.pos + batch_size - len(idx)]
+            idx += take
+            self.pos += len(take)
+            if self.pos >= len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"base": self.base, "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base, self.epoch, self.pos = state.get("base"), int(state["epoch"]), int(state["pos"])
+
+
 class ClassifyTask:
-    """Sequence classification with a `Classifier` (yuyan.model.heads): cross-entropy on the labels;
-    accuracy, macro-F1 and the confusion matrix on the val split."""
+    """Sequence classification with a `Classifier` (yuyan.model.heads): cross-entropy on the labels (with
+    optional per-label weights); accuracy, macro-F1 and the confusion matrix on the val split.
+
+    class_weights: one loss weight per label (None: all 1). bucket: draw training batches from
+    `LengthBuckets` (each example once per epoch, batches of similar length) instead of uniformly at random.
+    val_examples: periodic evaluations score a fixed, seeded sample of this many val examples (0: all); the
+    final evaluation (`full=True`) scores the whole split. The val loss is the unweighted mean NLL.
+    """
+
+    metric_names = ("loss", "accuracy", "macro_f1")
 
     def __init__(
         self,
@@ -426,6 +534,9 @@ class ClassifyTask:
         report: DataReport | None = None,
         eval_batch_size: int = 32,
         locations: tuple[list[str], list[str]] | None = None,
+        class_weights: list[float] | None = None,
+        bucket: bool = False,
+        val_examples: int = 0,
     ):
         if not train:
             raise UserError("no usable training examples" + (f" ({report.summary()})" if report else ""))
@@ -463,6 +574,18 @@ class ClassifyTask:
         self.report.examples = len(self.train) + len(val)
         self.last_confusion: list[list[int]] | None = None
         self.label_values = list(labels)  # the data's value behind each label (ClassifyTask.from_files)
+        if class_weights is not None and len(class_weights) != len(labels):
+            raise UserError(f"{len(class_weights)} class weights for {len(labels)} labels {labels}")
+        self.class_weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.buckets = LengthBuckets([len(ids) for ids, _ in self.train]) if bucket else None
+        # the periodic sample: fixed (seeded), sorted by length so its batches pad little; the same for the
+        # whole split at the end (the metrics do not depend on the order)
+        g = torch.Generator().manual_seed(1234)
+        pick = torch.randperm(len(self.val), generator=g).tolist()
+        if 0 < val_examples < len(self.val):
+            pick = pick[:val_examples]
+        self.val_sample = sorted((self.val[i] for i in pick), key=lambda e: len(e[0]))
+        self.val_sorted = sorted(self.val, key=lambda e: len(e[0]))
 
     @classmethod
     def from_files(
@@ -475,15 +598,15 @@ class ClassifyTask:
         label_field: str = "label",
         val_frac: float = 0.1,
         label_names: list[str] | None = None,
+        class_weights: str = "none",
+        bucket: bool = False,
+        val_examples: int = 0,
     ) -> ClassifyTask:
         """label_names: `finetune --labels` (see name_labels); the task's labels are then those names, and
-        `label_values` the data's values behind them."""
+        `label_values` the data's values behind them. class_weights as `parse_class_weights` reads them
+        (by class name)."""
         report = DataReport(str(path))
-        rows = read_classification(path, text_field, label_field, report)
-        if val_path:
-            val_rows = read_classification(val_path, text_field, label_field, report)
-        else:
-            rows, val_rows = split_holdout(rows, [f"{t}\t{lab}" for _, t, lab in rows], val_frac)
+        rows, val_rows = classification_split(path, val_path, text_field, label_field, report, val_frac)
         found = label_order(lab for _, _, lab in rows)
         if len(found) < 2:
             raise UserError(
@@ -493,6 +616,7 @@ class ClassifyTask:
         labels, mapping = name_labels(found, label_names)
         rows = [(loc, t, mapping[lab]) for loc, t, lab in rows]
         val_rows = [(loc, t, mapping.get(lab, lab)) for loc, t, lab in val_rows]
+        weights = parse_class_weights(class_weights, labels, Counter(lab for _, _, lab in rows))
         task = cls(
             tokenizer,
             [(t, lab) for _, t, lab in rows],
@@ -501,6 +625,9 @@ class ClassifyTask:
             block_size,
             report,
             locations=([loc for loc, _, _ in rows], [loc for loc, _, _ in val_rows]),
+            class_weights=weights,
+            bucket=bucket,
+            val_examples=val_examples,
         )
         by_name = {name: value for value, name in mapping.items()}
         task.label_values = [by_name.get(name, name) for name in labels]
@@ -512,20 +639,26 @@ class ClassifyTask:
 
     def batch(self, split: str, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         data = self.train if split == "train" else self.val
-        idx = torch.randint(len(data), (batch_size,), generator=generator).tolist()
+        if split == "train" and self.buckets is not None:
+            idx = self.buckets.next(batch_size, generator)
+        else:
+            idx = torch.randint(len(data), (batch_size,), generator=generator).tolist()
         return self._collate([data[i] for i in idx])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(model(batch["input_ids"], batch["lengths"]).float(), batch["labels"])
+        logits = model(batch["input_ids"], batch["lengths"]).float()
+        w = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        return F.cross_entropy(logits, batch["labels"], weight=w)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
         was = model.training
         model.eval()
         dev = next(model.parameters()).device
+        data = self.val_sorted if full else self.val_sample
         nll, preds, truth = 0.0, [], []
-        for i in range(0, len(self.val), self.eval_batch_size):
-            b = {k: v.to(dev) for k, v in self._collate(self.val[i : i + self.eval_batch_size]).items()}
+        for i in range(0, len(data), self.eval_batch_size):
+            b = {k: v.to(dev) for k, v in self._collate(data[i : i + self.eval_batch_size]).items()}
             logits = model(b["input_ids"], b["lengths"]).float()
             nll += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
             preds += logits.argmax(-1).tolist()
@@ -536,10 +669,11 @@ class ClassifyTask:
         return {"loss": nll / max(len(truth), 1), **m, "examples": float(len(truth))}
 
     def state_dict(self) -> dict:
-        return {}
+        return {"buckets": self.buckets.state_dict()} if self.buckets is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.buckets is not None and "buckets" in state:
+            self.buckets.load_state_dict(state["buckets"])
 
 
 # ---------------------------------------------------------------------------------------------- docstrings
@@ -641,6 +775,9 @@ __all__ = [
     "label_order",
     "name_labels",
     "truncation_advice",
+    "classification_split",
+    "parse_class_weights",
+    "LengthBuckets",
     "ClassifyTask",
     "docstring_pairs",
     "DocstringTask",

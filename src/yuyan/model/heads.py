@@ -1,13 +1,13 @@
 """Classification head composed around a Transformer: a linear layer over one pooled hidden state.
 
-`Classifier(model, labels, pooling)` holds the transformer as `model` and a `score` linear layer
-(d_model -> n_labels). Texts are encoded as their tokens plus the end-of-text token, right-padded;
+`Classifier(model, labels, pooling, dropout=p)` holds the transformer as `model` and a `score` linear layer
+(d_model -> n_labels), with dropout p on the pooled state while training. Texts are encoded as their tokens plus the end-of-text token, right-padded;
 `pooling="last"` reads the final hidden state of the last real token (with right padding and causal
 attention the pads never influence it), `pooling="mean"` averages the hidden states of the real tokens.
 A checkpoint stores the transformer as usual and the head as `extra_tensors` (`score.weight`,
-`score.bias`) with meta {"task": "classify", "labels": [...], "pooling": ...} (plus "label_values", the
-data's values behind the names, when `finetune --labels` named them), so any tool that ignores
-the head still opens the model. `Classifier.from_pretrained(spec)` and `predict(texts)` serve the saved
+`score.bias`) with meta {"task": "classify", "labels": [...], "pooling": ..., "dropout": p} (plus
+"label_values", the data's values behind the names, when `finetune --labels` named them), so any tool
+that ignores the head still opens the model. `Classifier.from_pretrained(spec)` and `predict(texts)` serve the saved
 model; `classification_metrics` gives accuracy, macro-F1 and the confusion matrix.
 """
 
@@ -66,10 +66,13 @@ class Classifier(nn.Module):
         pooling: str = "last",
         tokenizer=None,
         label_values: list[str] | None = None,
+        dropout: float = 0.0,
     ):
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(f"pooling {pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise UserError(f"classifier dropout must be in [0, 1), got {dropout}")
         if len(labels) < 2:
             raise UserError(f"classification needs at least 2 labels, got {labels}; check the label column")
         self.model, self.labels, self.pooling, self.tokenizer = model, list(labels), pooling, tokenizer
@@ -77,6 +80,7 @@ class Classifier(nn.Module):
         self.label_values = list(label_values) if label_values is not None else list(self.labels)
         if len(self.label_values) != len(self.labels):
             raise UserError(f"{len(self.label_values)} label values for {len(self.labels)} labels {labels}")
+        self.drop = nn.Dropout(dropout)  # no parameters: checkpoints are unchanged
         p = next(model.parameters())
         self.score = nn.Linear(model.config.d_model, len(labels), device=p.device, dtype=p.dtype)
         nn.init.normal_(self.score.weight, std=0.02)
@@ -96,13 +100,13 @@ class Classifier(nn.Module):
                 h.dtype
             )  # (B, T)
             pooled = (h * keep[..., None]).sum(1) / lengths[:, None].to(h.dtype)
-        return self.score(pooled)
+        return self.score(self.drop(pooled))
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         return {"score.weight": self.score.weight.detach(), "score.bias": self.score.bias.detach()}
 
     def head_meta(self) -> dict:
-        meta = {"task": "classify", "labels": self.labels, "pooling": self.pooling}
+        meta = {"task": "classify", "labels": self.labels, "pooling": self.pooling, "dropout": self.drop.p}
         if self.label_values != self.labels:
             meta["label_values"] = self.label_values
         return meta
@@ -142,6 +146,7 @@ class Classifier(nn.Module):
             lm.meta.get("pooling", "last"),
             lm.tokenizer,
             lm.meta.get("label_values"),
+            dropout=lm.meta.get("dropout", 0.0),
         )
         clf.load_head(lm.extra_tensors)
         return clf.eval()

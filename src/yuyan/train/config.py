@@ -1,5 +1,5 @@
 """The training config: one dataclass per TOML section ([model], [data], [train], [eval], [checkpoint],
-[privacy]).
+[privacy]); fine-tuning adds [classify] (`FinetuneConfig`).
 
 `TrainConfig` is what `yuyan train --config FILE.toml --section.key value` fills (through yuyan.config);
 `config_to_toml` writes the resolved config beside the checkpoints as train_config.toml, which loads back
@@ -18,10 +18,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from yuyan.errors import UserError
+from yuyan.model.heads import POOLINGS
 from yuyan.model.transformer import ModelConfig
 from yuyan.train import distributed as D
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# the val metrics eval.best_metric may name: lower is better for the first group, higher for the second
+LOWER_IS_BETTER = ("loss", "ppl", "bpb")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1")
 
 
 def _model_overrides(self) -> dict:
@@ -82,6 +86,10 @@ class EvalSection:
     every: int = 200  # optimizer steps between evaluations (0: only at the end)
     batches: int = 20  # random val batches per periodic evaluation (a fixed set, the same each time)
     final_full: bool = True  # the final evaluation covers the whole validation split
+    # the val metric that picks best/ and drives patience: loss | ppl | bpb (lower is better) or, for a
+    # task that reports them (classify), accuracy | macro_f1 (higher is better)
+    best_metric: str = "loss"
+    patience: int = 0  # stop after this many evaluations without a better best_metric (0: never stop early)
 
 
 @dataclass
@@ -159,9 +167,54 @@ class TrainConfig:
             (len(t.betas) == 2, "train.betas takes two numbers, e.g. 0.9,0.95"),
             (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),
             (self.distributed in D.STRATEGIES, f"distributed must be one of {', '.join(D.STRATEGIES)}"),
+            (
+                self.eval.best_metric in LOWER_IS_BETTER + HIGHER_IS_BETTER,
+                f"eval.best_metric must be one of {'|'.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}, "
+                f"got {self.eval.best_metric!r}",
+            ),
+            (self.eval.patience >= 0, "eval.patience must be >= 0 (0: no early stopping)"),
+            (
+                self.eval.patience == 0 or self.eval.every > 0,
+                "eval.patience needs periodic evaluations: set eval.every > 0",
+            ),
             *self.privacy.problems(self),
         ]
         for ok, msg in checks:
+            if not ok:
+                raise UserError(f"bad training config: {msg}")
+
+
+@dataclass
+class ClassifySection:
+    """The classification recipe (`yuyan finetune --task classify`); defaults from the sweep in BENCHMARKS.md,
+    "Classification vs TF-IDF (issue 20)"."""
+
+    pooling: str = "mean"  # last (the last real token's hidden state) | mean (over the real tokens)
+    dropout: float = 0.1  # on the pooled state, before the linear head (training only)
+    class_weights: str = "none"  # none | balanced (n / (k * n_label)) | LABEL=W,LABEL=W (others 1)
+    bucket: bool = True  # batches of similar length (less padding); every example once per epoch
+    val_examples: int = 512  # periodic evaluations score a fixed sample of this many val examples (0: all)
+
+    def problems(self) -> list[tuple[bool, str]]:
+        return [
+            (
+                self.pooling in POOLINGS,
+                f"classify.pooling must be {'|'.join(POOLINGS)}, got {self.pooling!r}",
+            ),
+            (0.0 <= self.dropout < 1.0, "classify.dropout must be in [0, 1)"),
+            (self.val_examples >= 0, "classify.val_examples must be >= 0 (0: the whole val split)"),
+        ]
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """What `yuyan finetune` reads: the training sections plus [classify]."""
+
+    classify: ClassifySection = field(default_factory=ClassifySection)
+
+    def validate(self) -> None:
+        super().validate()
+        for ok, msg in self.classify.problems():
             if not ok:
                 raise UserError(f"bad training config: {msg}")
 

@@ -2,8 +2,11 @@
 
 One recipe for every fine-tuning family (options, not copied recipes): `task` is lm (next-token loss on a text
 corpus, through token shards like pre-training), sft (loss on assistant/completion tokens only) or classify
-(a linear head over the last/mean hidden state); `lora` switches full fine-tuning to LoRA adapters. The
-model comes from any `yuyan.load` spec (our checkpoint or an imported Hugging Face folder). Resume,
+(a linear head over the last/mean hidden state; the [classify] section of `FinetuneConfig`: pooling,
+dropout, class weights, length-bucketed batches, a bounded val sample; best/ by val accuracy); `lora`
+switches full fine-tuning to LoRA adapters. The model comes from any `yuyan.load` spec (our checkpoint or an
+imported Hugging Face folder), or, with `pretrain_minutes`, from pre-training the demo model (and a
+tokenizer) on the classification data's own training texts first (`pretrain_on_task_text`). Resume,
 periodic evaluation, best/final checkpoints and torchrun all come from `yuyan.train.loop.fit`; the
 checkpoints hold a plain model (LoRA merged in, the head as extra tensors) that every other command opens,
 and `save_adapter` also writes the adapter alone to OUT/adapter. `run_docstring_finetune` is the
@@ -22,21 +25,54 @@ from torch import nn
 
 from yuyan.errors import UserError
 from yuyan.model.lora import LoRAConfig, apply_lora, count_params, merge_lora, save_adapter
-from yuyan.train.config import CheckpointSection, EvalSection, TrainConfig, TrainSection
+from yuyan.train.config import (
+    HIGHER_IS_BETTER,
+    CheckpointSection,
+    ClassifySection,
+    EvalSection,
+    FinetuneConfig,
+    TrainConfig,
+    TrainSection,
+)
 from yuyan.train.loop import fit
 
 TASKS = ("lm", "sft", "classify")
+PRETRAIN_EVAL_EVERY, PRETRAIN_PATIENCE = 100, 3  # pretrain_on_task_text: best/ by val loss, early stopping
 
 
-def default_train_config() -> TrainConfig:
-    """Fine-tuning defaults: short, gentle schedule; evaluation every 50 steps; no time-based checkpoints."""
-    return TrainConfig(
+def default_train_config(task: str = "sft") -> FinetuneConfig:
+    """Fine-tuning defaults: short, gentle schedule; evaluation every 50 steps; no time-based checkpoints.
+    For classify, the recipe's (the sweep in BENCHMARKS.md, "Classification vs TF-IDF (issue 20)"): best/
+    by val accuracy, early stopping, and the [classify] section's defaults."""
+    cfg = FinetuneConfig(
         train=TrainSection(
             batch_size=8, lr=3e-4, min_lr=3e-5, warmup=10, max_steps=300, weight_decay=0.0, log_every=10
         ),
         eval=EvalSection(every=50, batches=8),
         checkpoint=CheckpointSection(every_minutes=10.0, keep_last=1),
     )
+    if task == "classify":
+        cfg.train.batch_size, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup = 32, 1e-3, 1e-4, 50
+        cfg.eval.best_metric, cfg.eval.patience = "accuracy", 8
+    return cfg
+
+
+def classify_settings(cfg: TrainConfig, task: str) -> ClassifySection:
+    """The [classify] settings of a run; any changed from the defaults with another task is refused (they
+    cannot apply), as is a classification metric for eval.best_metric."""
+    cs = cfg.classify if isinstance(cfg, FinetuneConfig) else ClassifySection()
+    if task != "classify":
+        changed = [f"classify.{k}" for k, v in asdict(cs).items() if v != getattr(ClassifySection(), k)]
+        if changed:
+            raise UserError(
+                f"{', '.join(changed)} applies to --task classify only (this run is --task {task})"
+            )
+        if cfg.eval.best_metric in HIGHER_IS_BETTER:
+            raise UserError(
+                f"eval.best_metric {cfg.eval.best_metric} (--best-metric) is a classification metric; "
+                f"--task {task} reports loss"
+            )
+    return cs
 
 
 @dataclass
@@ -48,7 +84,9 @@ class FinetuneOptions:
     save_adapter: bool = False
     text_field: str = "text"
     label_field: str = "label"
-    pooling: str = "last"  # classify: last | mean
+    # classify: pre-train a tokenizer and the demo model on the training texts for this many minutes first
+    # (0: fine-tune `model`); see pretrain_on_task_text
+    pretrain_minutes: float = 0.0
     template: str = "chat"  # sft prompt/completion records: chat (role tokens) | plain (concatenation)
     labels: list[str] | None = None  # classify: class names (yuyan.data.tasks.name_labels); None: the data's
     extra: dict = field(default_factory=dict)  # recorded in the checkpoint meta
@@ -64,6 +102,7 @@ def build_task(lm, opts: FinetuneOptions, out: Path, cfg: TrainConfig):
     if opts.task == "sft":
         return SFTTask.from_files(opts.data, tok, block, opts.val_data or None, opts.template)
     if opts.task == "classify":
+        cs = classify_settings(cfg, opts.task)
         return ClassifyTask.from_files(
             opts.data,
             tok,
@@ -72,6 +111,9 @@ def build_task(lm, opts: FinetuneOptions, out: Path, cfg: TrainConfig):
             opts.text_field,
             opts.label_field,
             label_names=opts.labels,
+            class_weights=cs.class_weights,
+            bucket=cs.bucket,
+            val_examples=cs.val_examples,
         )
     if opts.task == "lm":
         from yuyan.data.shards import TokenShards, prepare
@@ -110,8 +152,79 @@ def make_exporter(opts: FinetuneOptions):
     return export
 
 
+def pretrain_on_task_text(opts: FinetuneOptions, out: str | os.PathLike, resume: bool = False) -> dict:
+    """Pre-train the demo model and its tokenizer on the texts of the classification data for
+    `opts.pretrain_minutes` (yuyan.train.pretrain with `demo_config`), in OUT/pretrain.
+
+    The corpus (OUT/pretrain/corpus.jsonl) is the training rows' texts only: the rows held out for
+    validation (a deterministic 10% of --data, or --val-data) stay unseen, so the val metrics that pick
+    best/ are honest. A task's text is small (a few thousand reviews are ~100k tokens, which the demo model
+    passes over dozens of times in minutes), so the run keeps the checkpoint of lowest val loss (best/,
+    evaluated every PRETRAIN_EVAL_EVERY steps) and stops after PRETRAIN_PATIENCE evaluations without a lower
+    one; fine-tuning starts from that best/ (final/ when no evaluation ran). With resume, a finished
+    pre-training is reused and an interrupted one continues.
+    Returns {"model_dir" (the checkpoint fine-tuned), "steps", "early_stopped", "best", "texts", "corpus",
+    "minutes"}.
+    """
+    from yuyan.data.tasks import DataReport, classification_split
+    from yuyan.model.checkpoint import atomic_write_text
+    from yuyan.train.demo import demo_config
+    from yuyan.train.pretrain import train
+
+    if opts.task != "classify":
+        raise UserError(
+            f"--pretrain-minutes applies to --task classify only (this run is --task {opts.task})"
+        )
+    if not opts.pretrain_minutes > 0:
+        raise UserError(f"--pretrain-minutes must be > 0, got {opts.pretrain_minutes}")
+    pdir = Path(out) / "pretrain"
+    final, best = pdir / "final", pdir / "best"
+    pick = best if (best / "model.safetensors").exists() else final
+    rows, _ = classification_split(
+        opts.data, opts.val_data or None, opts.text_field, opts.label_field, DataReport(opts.data)
+    )
+    info = {"corpus": str(pdir / "corpus.jsonl"), "texts": len(rows), "minutes": opts.pretrain_minutes}
+    if resume and (final / "model.safetensors").exists():
+        return {**info, "model_dir": str(pick), "steps": None, "early_stopped": None, "best": None}
+    pdir.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for _, t, _ in rows)
+    atomic_write_text(pdir / "corpus.jsonl", text)
+    cfg = demo_config(minutes=opts.pretrain_minutes, out=str(pdir), corpus=info["corpus"])
+    cfg.checkpoint.save_best, cfg.eval.every, cfg.eval.patience = True, PRETRAIN_EVAL_EVERY, PRETRAIN_PATIENCE
+    res = train(cfg, resume=resume)
+    if res["final_dir"] is None:
+        raise UserError(f"pre-training was interrupted; continue with --resume (saved in {pdir})")
+    pick = best if (best / "model.safetensors").exists() else final
+    return {
+        **info,
+        "model_dir": str(pick),
+        "steps": res["step"],
+        "early_stopped": res["early_stopped"],
+        "best": res["best"],
+    }
+
+
+def _base_model(model, opts: FinetuneOptions, out: Path, resume: bool, console) -> tuple[str, dict | None]:
+    """The spec to fine-tune: `model`, or (opts.pretrain_minutes) the model pre-trained on the task's text,
+    with pretrain_on_task_text's summary."""
+    if not opts.pretrain_minutes:
+        if model is None:
+            raise UserError(
+                "no model: pass --model M, or --pretrain-minutes M to pre-train one on the task's text"
+            )
+        return str(model), None
+    if model is not None:
+        raise UserError(
+            "--pretrain-minutes pre-trains a new model and tokenizer on the task's text; drop --model "
+            "(or drop --pretrain-minutes to fine-tune --model)"
+        )
+    console.print(f"pre-training on the task's text for {opts.pretrain_minutes:g} minutes in {out}/pretrain")
+    pretrained = pretrain_on_task_text(opts, out, resume=resume)
+    return pretrained["model_dir"], pretrained
+
+
 def finetune(
-    model: str | os.PathLike,
+    model: str | os.PathLike | None,
     out: str | os.PathLike,
     opts: FinetuneOptions,
     cfg: TrainConfig | None = None,
@@ -119,9 +232,10 @@ def finetune(
     quiet: bool = False,
 ) -> dict:
     """Fine-tune `model` (any yuyan.load spec) as `opts` says; write OUT/{final,best,checkpoints,...}.
+    With opts.pretrain_minutes (classify), `model` is None: it is pre-trained first in OUT/pretrain.
 
     Returns fit()'s summary plus "data" (the DataReport counts), "trainable_params", "total_params",
-    "adapter_dir" and, for classify, "confusion_png".
+    "adapter_dir", "pretrain" (None without it) and, for classify, "confusion_png".
     """
     from rich.console import Console
 
@@ -132,9 +246,11 @@ def finetune(
         raise UserError(f"unknown task {opts.task!r}; choose one of {', '.join(TASKS)}")
     if not opts.data:
         raise UserError("no training data: pass --data FILE")
-    cfg = cfg or default_train_config()
+    cfg = cfg or default_train_config(opts.task)
+    cs = classify_settings(cfg, opts.task)
     out = Path(out)
     console = Console(stderr=True, quiet=quiet)
+    model, pretrained = _base_model(model, opts, out, resume, console)
     lm = load(model)
     task = build_task(lm, opts, out, cfg)
     report = getattr(task, "report", None)
@@ -143,7 +259,9 @@ def finetune(
 
     net: nn.Module = lm.model
     if opts.task == "classify":
-        net = Classifier(lm.model, task.labels, opts.pooling, lm.tokenizer, task.label_values)
+        net = Classifier(
+            lm.model, task.labels, cs.pooling, lm.tokenizer, task.label_values, dropout=cs.dropout
+        )
         if lm.meta.get("task") == "classify" and lm.meta.get("labels") == task.labels:
             net.load_head(lm.extra_tensors)  # continue training a saved head
         if not lm.model.lm_head_weight_tied():
@@ -167,6 +285,8 @@ def finetune(
             "task": opts.task,
             "data": opts.data,
             "lora": asdict(opts.lora) if opts.lora else None,
+            **({"classify": asdict(cs)} if opts.task == "classify" else {}),
+            **({"pretrain": pretrained} if pretrained else {}),
             **opts.extra,
         },
         "data_report": report.to_dict() if report is not None else {},
@@ -178,6 +298,7 @@ def finetune(
         total_params=total,
         adapter_dir=None,
         confusion_png=None,
+        pretrain=pretrained,
     )
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the extra files
@@ -300,6 +421,8 @@ __all__ = [
     "FinetuneOptions",
     "default_train_config",
     "build_task",
+    "classify_settings",
+    "pretrain_on_task_text",
     "make_exporter",
     "run_docstring_finetune",
     "docstring_scores",

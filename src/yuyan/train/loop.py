@@ -19,7 +19,9 @@ run would have drawn, at any world size.
 
 Checkpoint folder layout (`out_dir`; the step folders are managed by yuyan.model.checkpoint):
   checkpoints/step-00000500/  model + tokenizer + trainer_state.pt + state.json (the last `keep_last` kept)
-  best/                       the checkpoint with the lowest periodic val loss (no trainer state)
+  best/                       the checkpoint with the best periodic value of eval.best_metric (the val loss
+                              by default; a classifier's accuracy or macro-F1), no trainer state; with
+                              eval.patience P the run stops after P evaluations without a better one
   final/                      the model at the end of training (no trainer state)
   metrics.jsonl, loss_curve.png, train_config.toml
 """
@@ -73,7 +75,7 @@ from yuyan.model.precision import PrecisionChoice, attention_upcast, upcast_atte
 from yuyan.model.precision import choose as choose_precision
 from yuyan.progress import Progress
 from yuyan.train import distributed as D
-from yuyan.train.config import PRECISIONS, TrainConfig, TrainSection, config_to_toml
+from yuyan.train.config import HIGHER_IS_BETTER, PRECISIONS, TrainConfig, TrainSection, config_to_toml
 from yuyan.train.optim import build_optimizer, lr_at, set_lr
 from yuyan.train.privacy import DPTrainer, describe, make_private
 
@@ -113,8 +115,9 @@ def fit(
     requires_grad are optimised. export(model) -> (Transformer, extra_tensors, meta) turns it into what a
     checkpoint holds (a merged LoRA model, a model plus a classifier head); by default the model itself.
     resume: continue from the newest checkpoint in out_dir (a fresh start when there is none).
-    Returns {"step", "tokens", "elapsed", "final": {val metrics}, "best_val_loss", "out_dir", "checkpoint",
-    "final_dir", "metrics", "plot", "interrupted"}.
+    Returns {"step", "tokens", "elapsed", "final": {val metrics}, "best": {"metric", "value", "step"},
+    "best_val_loss" (None when best_metric is not loss), "early_stopped", "out_dir", "checkpoint", "final_dir",
+    "metrics", "plot", "interrupted"}.
     """
     cfg.validate()
     tc, ec, cc = _train_section(cfg), cfg.eval, cfg.checkpoint
@@ -129,7 +132,7 @@ def fit(
     data_gen = torch.Generator().manual_seed(tc.seed)
     _restore_training_state(tstate, parts, data_gen, task, info, console)
     files = _RunFiles(out, info.is_main, config_to_toml(cfg), tstate)
-    state = _TrainState.start(tc, tstate)  # the run's clock starts here
+    state = _TrainState.start(tc, tstate, ec.best_metric)  # the run's clock starts here
     saver = _Checkpointer(out, cfg, parts, tokenizer, task, data_gen, info, export, meta)
     budget = _TimeBudget(tc, state.step, info, console)
     running = _RunningLoss(info.device, state)
@@ -154,12 +157,8 @@ def fit(
             progress.update(bar, completed=state.step)
 
             if ec.every > 0 and state.step % ec.every == 0 and state.step < state.total_steps:
-                last_val = _evaluate(task, parts.raw, state, files)
-                console.print(
-                    f"step {state.step}: val loss {last_val['loss']:.4f}"
-                    + (f", {last_val['bpb']:.3f} bits/byte" if "bpb" in last_val else "")
-                )
-                saver.keep_if_best(state, last_val)
+                last_val = _evaluate(task, parts.raw, state, files, console=console)
+                saver.keep_if_best(state, last_val, console)  # may end the run here (eval.patience)
 
             if stop.requested(info):
                 interrupted = True
@@ -182,11 +181,31 @@ def fit(
             f"done: step {state.step}, {state.tokens:,} tokens in {train_elapsed:.1f}s; "
             f"val loss {final['loss']:.4f}"
             + (f", {final['bpb']:.4f} bits/byte, perplexity {final['ppl']:.2f}" if "bpb" in final else "")
+            + "".join(f", {k} {final[k]:.4f}" for k in HIGHER_IS_BETTER if k in final)
         )
     D.shutdown(info)
     return _close_private(
         parts, _summary(state, train_elapsed, out, files, final, final_dir, interrupted, parts), console
     )
+
+
+def _check_best_metric(task: Task, metric: str) -> None:
+    """eval.best_metric must be one the task reports (its `metric_names`; loss for any task)."""
+    names = tuple(getattr(task, "metric_names", ("loss",)))
+    if metric not in names:
+        raise UserError(
+            f"eval.best_metric {metric!r} is not reported by this task (it reports {', '.join(names)}); "
+            "accuracy and macro_f1 are classification metrics (--task classify)"
+        )
+
+
+def _val_line(val: dict) -> str:
+    """'val loss 0.6931, accuracy 0.5000, macro_f1 0.3333' (and bits per byte where the task gives it)."""
+    parts = [f"val loss {val['loss']:.4f}"]
+    parts += [f"{k} {val[k]:.4f}" for k in HIGHER_IS_BETTER if k in val]
+    if "bpb" in val:
+        parts.append(f"{val['bpb']:.3f} bits/byte")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -200,19 +219,32 @@ class _TrainState:
     tokens: int = 0
     total_steps: int = 0  # the schedule's length; refitted to train.max_time when there is one
     elapsed_before: float = 0.0  # training seconds of the runs this one resumes
-    best_val: float = math.inf
+    best_metric: str = "loss"  # eval.best_metric: what best_val holds
+    best_val: float = math.inf  # the best periodic value of best_metric so far (-inf / inf: none yet)
+    best_step: int = -1
+    stale_evals: int = 0  # periodic evaluations since best_val last improved (for eval.patience)
+    early_stopped: bool = False
     started: float = 0.0  # time.perf_counter() when this process started training
     tokens_per_step: int = 0  # measured on this process's first step (tasks decide their sequence length)
     saved_step: int = -1  # the step of the newest step checkpoint (-1: none yet)
 
     @classmethod
-    def start(cls, tc: TrainSection, tstate: dict | None) -> _TrainState:
-        """Fresh counters, or a resumed run's (from its trainer state); the clock starts now."""
+    def start(cls, tc: TrainSection, tstate: dict | None, best_metric: str = "loss") -> _TrainState:
+        """Fresh counters, or a resumed run's (from its trainer state); the clock starts now. A resumed run
+        that chose another best_metric starts its best (and its patience) afresh."""
         state = cls(total_steps=tc.max_steps if tc.max_steps > 0 else 10**9, started=time.perf_counter())
+        state.best_metric, state.best_val = (
+            best_metric,
+            -math.inf if best_metric in HIGHER_IS_BETTER else math.inf,
+        )
         if tstate is not None:
             state.step, state.tokens = int(tstate["step"]), int(tstate["tokens"])
             state.total_steps, state.elapsed_before = int(tstate["total_steps"]), float(tstate["elapsed"])
-            state.best_val, state.saved_step = float(tstate["best_val"]), state.step
+            state.saved_step = state.step
+            if tstate.get("best_metric", "loss") == best_metric:
+                state.best_val = float(tstate["best_val"])
+                state.best_step = int(tstate.get("best_step", -1))
+                state.stale_evals = int(tstate.get("stale_evals", 0))
             if tc.max_steps > 0 and tc.max_time <= 0:  # a fixed-length run may be resumed with a new length
                 state.total_steps = tc.max_steps
         if tc.max_time > 0 and state.elapsed_before >= tc.max_time:
@@ -228,6 +260,26 @@ class _TrainState:
     def elapsed(self) -> float:
         """Training seconds so far, the resumed runs' included."""
         return self.elapsed_before + time.perf_counter() - self.started
+
+    def out_of_patience(self, patience: int, console: Console) -> bool:
+        """After an evaluation: with patience P > 0, P evaluations in a row without a better best_metric end
+        the run here (complete at this step: total_steps = step, so the final evaluation and save follow)."""
+        if patience <= 0 or self.stale_evals < patience:
+            return False
+        console.print(
+            f"early stop at step {self.step}: no better val {self.best_metric} in {patience} evaluations "
+            f"(best {self.best_val:.4f} at step {self.best_step})"
+        )
+        self.total_steps, self.early_stopped = self.step, True
+        return True
+
+    def best_info(self) -> dict:
+        """{"best": {metric, value, step}, "best_val_loss"} (the loss key None when another metric picks best)."""
+        value = self.best_val if math.isfinite(self.best_val) else None
+        return {
+            "best": {"metric": self.best_metric, "value": value, "step": self.best_step},
+            "best_val_loss": value if self.best_metric == "loss" else None,
+        }
 
     def counters(self, world_size: int) -> dict:
         return {
@@ -506,6 +558,8 @@ class _Checkpointer:
     ):
         self.out, self.parts, self.tokenizer, self.task, self.data_gen = out, parts, tokenizer, task, data_gen
         self.cc, self.info, self.export = cfg.checkpoint, info, export
+        self.patience = cfg.eval.patience
+        _check_best_metric(task, cfg.eval.best_metric)
         self.meta = {**(meta or {}), "train_config": asdict(cfg)}  # recorded in every checkpoint
         self.last_t = time.perf_counter()
 
@@ -519,10 +573,18 @@ class _Checkpointer:
             due = bool(D.broadcast_object(due, self.info))
         return due and state.step < state.total_steps
 
-    def keep_if_best(self, state: _TrainState, val: dict) -> None:
-        """With checkpoint.save_best, a val loss below the best so far becomes the best and is saved."""
-        if self.cc.save_best and val["loss"] < state.best_val:
-            state.best_val = val["loss"]
+    def keep_if_best(self, state: _TrainState, val: dict, console: Console) -> None:
+        """A value of eval.best_metric better than the best so far becomes the best (saved as best/ with
+        checkpoint.save_best); otherwise the evaluation counts towards eval.patience, which may end the run
+        at this step (state.out_of_patience)."""
+        value = float(val[state.best_metric])
+        higher = state.best_metric in HIGHER_IS_BETTER
+        if not (value > state.best_val if higher else value < state.best_val):
+            state.stale_evals += 1
+            state.out_of_patience(self.patience, console)
+            return
+        state.best_val, state.best_step, state.stale_evals = value, state.step, 0
+        if self.cc.save_best:
             self.save("best", state, val)
 
     def save_last_step(self, state: _TrainState) -> None:
@@ -562,7 +624,7 @@ class _Checkpointer:
             m = self.parts.save_copy
         m, extra, emeta = self.export(m) if self.export is not None else (m, {}, {})
         counters = state.counters(self.info.world_size)
-        info_state = {**counters, "best_val_loss": state.best_val, "val": val or {}}
+        info_state = {**counters, **state.best_info(), "val": val or {}}
         trainer_state = None
         if optim_sd is not None:
             trainer_state = {
@@ -570,7 +632,10 @@ class _Checkpointer:
                 "rng": _rng_state(self.data_gen),
                 "task": self.task.state_dict(),
                 **counters,
+                "best_metric": state.best_metric,
                 "best_val": state.best_val,
+                "best_step": state.best_step,
+                "stale_evals": state.stale_evals,
                 "precision": self.parts.precision.name,
             }
             if self.export is not None:  # the training module differs from what the checkpoint holds
@@ -638,10 +703,14 @@ def _evaluate(
     files: _RunFiles,
     full: bool = False,
     final_elapsed: float | None = None,
+    console: Console | None = None,
 ) -> dict:
-    """Evaluate, log the val row and redraw the loss curve. The final evaluation's row is marked as such and
-    carries the training time (`final_elapsed`, the evaluation excluded)."""
+    """Evaluate, log the val row (and print it to `console`) and redraw the loss curve. The final
+    evaluation's row is marked as such and carries the training time (`final_elapsed`, the evaluation
+    excluded)."""
     val = task.evaluate(model, full=full)
+    if console is not None:
+        console.print(f"step {state.step}: {_val_line(val)}")
     if final_elapsed is None:
         row = {"step": state.step, "split": "val", **val, "elapsed": state.elapsed()}
     else:
@@ -682,7 +751,8 @@ def _summary(
         "tokens": state.tokens,
         "elapsed": elapsed,
         "final": final,
-        "best_val_loss": state.best_val,
+        **state.best_info(),
+        "early_stopped": state.early_stopped,
         "out_dir": str(out),
         "checkpoint": str(step_dir(out, state.step)),
         "final_dir": str(final_dir) if final_dir else None,
