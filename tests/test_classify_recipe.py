@@ -228,6 +228,14 @@ def test_best_follows_the_chosen_metric(tmp_path, tokenizer, metric, step):
     assert (res["best_val_loss"] is None) == (metric != "loss")
 
 
+def test_a_final_evaluation_better_than_every_periodic_one_becomes_best(tmp_path, tokenizer):
+    # periodic evaluations at steps 5, 10, 15, 20; the final one (step 25, the whole split) is the best
+    script = [*SCRIPT[:4], {"loss": 0.2, "accuracy": 0.95, "macro_f1": 0.9}]
+    res, out = _fit_scripted(tmp_path, tokenizer, "accuracy", script=script)
+    assert res["best"] == {"metric": "accuracy", "value": 0.95, "step": 25}
+    assert load_checkpoint(out / "best").meta["step"] == 25
+
+
 def test_early_stopping_stops_after_patience_evaluations_without_a_better_metric(tmp_path, tokenizer):
     # accuracy best at step 15; steps 20 and 25 are no better: patience 2 stops at step 25 of 50
     script = [*SCRIPT[:4], {"loss": 0.1, "accuracy": 0.85, "macro_f1": 0.9}, *SCRIPT]
