@@ -337,7 +337,7 @@ def test_finetune_help_lists_the_recipe_flags(capsys):
     for flag in ("--pooling", "--dropout", "--class-weights", "--bucket", "--val-examples", "--best-metric"):
         assert flag in out, flag
     assert "--patience" in out and "--pretrain-minutes" in out and "(default: accuracy for classify" in out
-    assert "(default: mean)" in out and "(default: 512)" in out
+    assert "(default: last)" in out and "(default: 512)" in out
 
 
 def test_finetune_cli_pretrains_and_finetunes_in_one_command(tmp_path, capsys):
