@@ -268,15 +268,15 @@ def test_recipe_settings_are_kept_in_the_checkpoint(tmp_path, tokenizer):
     base = save_checkpoint(tmp_path / "base", _model(tokenizer), tokenizer)
     cfg = default_train_config("classify")
     cfg.train.max_steps, cfg.train.device, cfg.eval.every, cfg.checkpoint.every_minutes = 12, "cpu", 6, 0.0
-    cfg.classify = ClassifySection(pooling="last", dropout=0.2, class_weights="balanced", val_examples=5)
+    cfg.classify = ClassifySection(pooling="mean", dropout=0.2, class_weights="balanced", val_examples=5)
     res = finetune(base, tmp_path / "run", FinetuneOptions(task="classify", data=str(data)), cfg, quiet=True)
     assert res["best"]["metric"] == "accuracy" and res["final"]["examples"] == 8  # the whole val split
     for d in ("best", "final"):
         lm = load_checkpoint(tmp_path / "run" / d)
-        assert lm.meta["pooling"] == "last" and lm.meta["dropout"] == 0.2
+        assert lm.meta["pooling"] == "mean" and lm.meta["dropout"] == 0.2
         assert lm.meta["finetune"]["classify"] == asdict(cfg.classify)
         clf = Classifier.from_language_model(lm)
-        assert clf.pooling == "last" and clf.drop.p == 0.2
+        assert clf.pooling == "mean" and clf.drop.p == 0.2
     val_rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["examples"] for r in val_rows if r["split"] == "val"] == [5, 8]  # periodic sample, then all
 
@@ -286,7 +286,7 @@ def test_classify_settings_are_refused_for_other_tasks(tmp_path, tokenizer):
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n", encoding="utf-8")
     base = save_checkpoint(tmp_path / "base", _model(tokenizer), tokenizer)
     cfg = default_train_config("sft")
-    cfg.classify.pooling = "last"
+    cfg.classify.pooling = "mean"  # not the default
     with pytest.raises(UserError, match=r"classify\.pooling applies to --task classify only"):
         finetune(base, tmp_path / "o", FinetuneOptions(task="sft", data=str(data)), cfg, quiet=True)
     cfg = default_train_config("sft")
