@@ -228,6 +228,14 @@ def test_best_follows_the_chosen_metric(tmp_path, tokenizer, metric, step):
     assert (res["best_val_loss"] is None) == (metric != "loss")
 
 
+def test_a_final_evaluation_better_than_every_periodic_one_becomes_best(tmp_path, tokenizer):
+    # periodic evaluations at steps 5, 10, 15, 20; the final one (step 25, the whole split) is the best
+    script = [*SCRIPT[:4], {"loss": 0.2, "accuracy": 0.95, "macro_f1": 0.9}]
+    res, out = _fit_scripted(tmp_path, tokenizer, "accuracy", script=script)
+    assert res["best"] == {"metric": "accuracy", "value": 0.95, "step": 25}
+    assert load_checkpoint(out / "best").meta["step"] == 25
+
+
 def test_early_stopping_stops_after_patience_evaluations_without_a_better_metric(tmp_path, tokenizer):
     # accuracy best at step 15; steps 20 and 25 are no better: patience 2 stops at step 25 of 50
     script = [*SCRIPT[:4], {"loss": 0.1, "accuracy": 0.85, "macro_f1": 0.9}, *SCRIPT]
@@ -260,15 +268,15 @@ def test_recipe_settings_are_kept_in_the_checkpoint(tmp_path, tokenizer):
     base = save_checkpoint(tmp_path / "base", _model(tokenizer), tokenizer)
     cfg = default_train_config("classify")
     cfg.train.max_steps, cfg.train.device, cfg.eval.every, cfg.checkpoint.every_minutes = 12, "cpu", 6, 0.0
-    cfg.classify = ClassifySection(pooling="last", dropout=0.2, class_weights="balanced", val_examples=5)
+    cfg.classify = ClassifySection(pooling="mean", dropout=0.2, class_weights="balanced", val_examples=5)
     res = finetune(base, tmp_path / "run", FinetuneOptions(task="classify", data=str(data)), cfg, quiet=True)
     assert res["best"]["metric"] == "accuracy" and res["final"]["examples"] == 8  # the whole val split
     for d in ("best", "final"):
         lm = load_checkpoint(tmp_path / "run" / d)
-        assert lm.meta["pooling"] == "last" and lm.meta["dropout"] == 0.2
+        assert lm.meta["pooling"] == "mean" and lm.meta["dropout"] == 0.2
         assert lm.meta["finetune"]["classify"] == asdict(cfg.classify)
         clf = Classifier.from_language_model(lm)
-        assert clf.pooling == "last" and clf.drop.p == 0.2
+        assert clf.pooling == "mean" and clf.drop.p == 0.2
     val_rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["examples"] for r in val_rows if r["split"] == "val"] == [5, 8]  # periodic sample, then all
 
@@ -278,7 +286,7 @@ def test_classify_settings_are_refused_for_other_tasks(tmp_path, tokenizer):
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n", encoding="utf-8")
     base = save_checkpoint(tmp_path / "base", _model(tokenizer), tokenizer)
     cfg = default_train_config("sft")
-    cfg.classify.pooling = "last"
+    cfg.classify.pooling = "mean"  # not the default
     with pytest.raises(UserError, match=r"classify\.pooling applies to --task classify only"):
         finetune(base, tmp_path / "o", FinetuneOptions(task="sft", data=str(data)), cfg, quiet=True)
     cfg = default_train_config("sft")
@@ -329,7 +337,7 @@ def test_finetune_help_lists_the_recipe_flags(capsys):
     for flag in ("--pooling", "--dropout", "--class-weights", "--bucket", "--val-examples", "--best-metric"):
         assert flag in out, flag
     assert "--patience" in out and "--pretrain-minutes" in out and "(default: accuracy for classify" in out
-    assert "(default: mean)" in out and "(default: 512)" in out
+    assert "(default: last)" in out and "(default: 512)" in out
 
 
 def test_finetune_cli_pretrains_and_finetunes_in_one_command(tmp_path, capsys):

@@ -53,8 +53,8 @@ Settings (--section.key value, e.g. --train.warmup 20; the fine-tuning defaults)
 # the [classify] defaults (yuyan.train.config.ClassifySection; tests/test_classify_recipe.py holds these
 # help texts to them), written out so that `--help` needs no torch import
 CLASSIFY_HELP = {
-    "pooling": "classify: last (last real token) | mean (over the real tokens) (default: mean)",
-    "dropout": "classify: dropout on the pooled state before the head (default: 0.1)",
+    "pooling": "classify: last (last real token) | mean (over the real tokens) (default: last)",
+    "dropout": "classify: dropout on the pooled state before the head (default: 0.0)",
     "class_weights": "classify: loss weights: none | balanced | LABEL=W,LABEL=W (others 1) (default: none)",
     "bucket": "classify: batches of similar length, every example once per epoch (default: bucket)",
     "val_examples": "classify: periodic evaluations score a fixed sample of this many val examples; "

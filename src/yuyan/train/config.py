@@ -189,8 +189,8 @@ class ClassifySection:
     """The classification recipe (`yuyan finetune --task classify`); defaults from the sweep in BENCHMARKS.md,
     "Classification vs TF-IDF (issue 20)"."""
 
-    pooling: str = "mean"  # last (the last real token's hidden state) | mean (over the real tokens)
-    dropout: float = 0.1  # on the pooled state, before the linear head (training only)
+    pooling: str = "last"  # last (the last real token's hidden state) | mean (over the real tokens)
+    dropout: float = 0.0  # on the pooled state, before the linear head (training only)
     class_weights: str = "none"  # none | balanced (n / (k * n_label)) | LABEL=W,LABEL=W (others 1)
     bucket: bool = True  # batches of similar length (less padding); every example once per epoch
     val_examples: int = 512  # periodic evaluations score a fixed sample of this many val examples (0: all)

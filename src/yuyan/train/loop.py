@@ -176,7 +176,7 @@ def fit(
         console.print(f"interrupted: saved {step_dir(out, state.step)}; continue with --resume")
     else:
         final = _evaluate(task, parts.raw, state, files, full=ec.final_full, final_elapsed=train_elapsed)
-        final_dir = saver.save("final", state, final)
+        final_dir = saver.save_final(state, final)
         console.print(
             f"done: step {state.step}, {state.tokens:,} tokens in {train_elapsed:.1f}s; "
             f"val loss {final['loss']:.4f}"
@@ -586,6 +586,18 @@ class _Checkpointer:
         state.best_val, state.best_step, state.stale_evals = value, state.step, 0
         if self.cc.save_best:
             self.save("best", state, val)
+
+    def save_final(self, state: _TrainState, val: dict) -> Path | None:
+        """final/, and best/ too when the final evaluation beats every periodic one (it scores the whole val
+        split: a short run's last steps would otherwise never be kept as best). Only a run that evaluated
+        periodically has a best/."""
+        value = float(val[state.best_metric])
+        higher = state.best_metric in HIGHER_IS_BETTER
+        if state.best_step >= 0 and (value > state.best_val if higher else value < state.best_val):
+            state.best_val, state.best_step = value, state.step
+            if self.cc.save_best:
+                self.save("best", state, val)
+        return self.save("final", state, val)
 
     def save_last_step(self, state: _TrainState) -> None:
         """A step checkpoint of where the run stopped, unless the loop has just written it."""
