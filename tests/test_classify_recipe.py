@@ -314,6 +314,24 @@ def test_pretrain_on_the_task_text_then_finetune_gives_a_loadable_classifier(tmp
     assert load_checkpoint(tmp_path / "run" / "final").meta["finetune"]["pretrain"]["steps"] == pre["steps"]
 
 
+def test_pretrain_corpus_adds_unlabelled_text_to_the_pretraining(tmp_path):
+    rows = _reviews(200, seed=2)
+    data = _csv(tmp_path / "train.csv", rows)
+    extra = [f"an unlabelled review number {i} about a film" for i in range(40)]
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in extra))
+    cfg = default_train_config("classify")
+    cfg.train.max_steps, cfg.train.device, cfg.eval.every, cfg.checkpoint.every_minutes = 4, "cpu", 0, 0.0
+    cfg.eval.patience = 0
+    opts = FinetuneOptions(
+        task="classify", data=str(data), pretrain_minutes=0.02, pretrain_corpus=str(tmp_path / "extra.jsonl")
+    )
+    pre = finetune(None, tmp_path / "run", opts, cfg, quiet=True)["pretrain"]
+    corpus = [json.loads(r)["text"] for r in Path(pre["corpus"]).read_text(encoding="utf-8").splitlines()]
+    n = pre["texts"]
+    assert 150 < n < 200 and pre["extra_documents"] == 40 and len(corpus) == n + 40
+    assert corpus[n:] == extra and set(corpus[:n]) <= {r["text"] for r in rows}
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 

@@ -82,6 +82,11 @@ TABLE = [
         "--model",
     ),
     ("finetune", "--data {corpus} --out {new} --task classify --pretrain-minutes -1", "pretrain-minutes"),
+    (
+        "finetune",
+        "--model {model} --data {corpus} --out {new} --task classify --pretrain-corpus {corpus}",
+        "give both",
+    ),
     ("finetune", "--model {model} --data {corpus} --out {new} --task lm --best-metric accuracy", "metric"),
     (
         "finetune",

@@ -163,6 +163,13 @@ def finetune_cmd(
         help="classify: first train a tokenizer and pre-train the demo model on the training texts for "
         "this many minutes (in OUT/pretrain), then fine-tune it; no --model (default: 0, off)",
     ),
+    pretrain_corpus: str | None = typer.Option(
+        None,
+        "--pretrain-corpus",
+        help="classify with --pretrain-minutes: more unlabelled text to pre-train on besides the training "
+        "texts, any --corpus spec (files, folder, glob, JSONL, Parquet); keep the test rows out of it "
+        "(default: none)",
+    ),
     template: str = typer.Option(
         "chat", "--template", help="sft prompt/completion: chat (role tokens) | plain"
     ),
@@ -222,6 +229,8 @@ def finetune_cmd(
         "--pretrain-minutes": pretrain_minutes or None,
     }
     _check_recipe_flags(task, model, classify_flags, pretrain_minutes, best_metric)
+    if pretrain_corpus is not None and not pretrain_minutes:
+        raise UserError("--pretrain-corpus adds text to the pre-training of --pretrain-minutes; give both")
     lock = run_folder(out, force, *([model] if model else []), data, val_data, command="finetune")
     overrides = parse_overrides(list(ctx.args))
     for key, val in (
@@ -266,6 +275,7 @@ def finetune_cmd(
         text_field=text_field,
         label_field=label_field,
         pretrain_minutes=pretrain_minutes,
+        pretrain_corpus=pretrain_corpus,
         template=template,
         labels=labels.split(",") if labels is not None else None,
     )

@@ -87,6 +87,8 @@ class FinetuneOptions:
     # classify: pre-train a tokenizer and the demo model on the training texts for this many minutes first
     # (0: fine-tune `model`); see pretrain_on_task_text
     pretrain_minutes: float = 0.0
+    # with pretrain_minutes: more unlabelled text to pre-train on besides the training texts (a corpus spec)
+    pretrain_corpus: str | None = None
     template: str = "chat"  # sft prompt/completion records: chat (role tokens) | plain (concatenation)
     labels: list[str] | None = None  # classify: class names (yuyan.data.tasks.name_labels); None: the data's
     extra: dict = field(default_factory=dict)  # recorded in the checkpoint meta
@@ -156,9 +158,10 @@ def pretrain_on_task_text(opts: FinetuneOptions, out: str | os.PathLike, resume:
     """Pre-train the demo model and its tokenizer on the texts of the classification data for
     `opts.pretrain_minutes` (yuyan.train.pretrain with `demo_config`), in OUT/pretrain.
 
-    The corpus (OUT/pretrain/corpus.jsonl) is the training rows' texts only: the rows held out for
-    validation (a deterministic 10% of --data, or --val-data) stay unseen, so the val metrics that pick
-    best/ are honest. A task's text is small (a few thousand reviews are ~100k tokens, which the demo model
+    The corpus (OUT/pretrain/corpus.jsonl) is the training rows' texts, plus the documents of
+    `opts.pretrain_corpus` when given (unlabelled text of the same kind: more of it is what a small task's
+    text lacks); the rows held out for validation (a deterministic 10% of --data, or --val-data) stay
+    unseen, so the val metrics that pick best/ are honest. A task's text is small (a few thousand reviews are ~100k tokens, which the demo model
     passes over dozens of times in minutes), so the run keeps the checkpoint of lowest val loss (best/,
     evaluated every PRETRAIN_EVAL_EVERY steps) and stops after PRETRAIN_PATIENCE evaluations without a lower
     one; fine-tuning starts from that best/ (final/ when no evaluation ran). With resume, a finished
@@ -187,8 +190,14 @@ def pretrain_on_task_text(opts: FinetuneOptions, out: str | os.PathLike, resume:
     if resume and (final / "model.safetensors").exists():
         return {**info, "model_dir": str(pick), "steps": None, "early_stopped": None, "best": None}
     pdir.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for _, t, _ in rows)
-    atomic_write_text(pdir / "corpus.jsonl", text)
+    lines = [json.dumps({"text": t}, ensure_ascii=False) + "\n" for _, t, _ in rows]
+    if opts.pretrain_corpus:  # unlabelled text the user adds (their job to keep it free of test rows)
+        from yuyan.data.corpus import iter_documents
+
+        extra = [d.text for d in iter_documents(opts.pretrain_corpus) if d.text.strip()]
+        lines += [json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in extra]
+        info["extra_documents"] = len(extra)
+    atomic_write_text(pdir / "corpus.jsonl", "".join(lines))
     cfg = demo_config(minutes=opts.pretrain_minutes, out=str(pdir), corpus=info["corpus"])
     cfg.checkpoint.save_best, cfg.eval.every, cfg.eval.patience = True, PRETRAIN_EVAL_EVERY, PRETRAIN_PATIENCE
     res = train(cfg, resume=resume)
