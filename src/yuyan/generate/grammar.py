@@ -145,25 +145,13 @@ class Constraint:
         self.matcher.consume_token(tok)
 
 
-def next_token_bits(constraints: list[Constraint], vocab_size: int) -> np.ndarray:
-    """(C, ceil(V/32)) int32: constraint i's allowed next tokens in row i (bit j of word w is token 32w + j),
-    written by llguidance straight into the array (several constraints at once in its threads, outside the
-    GIL). No torch wrapper: in a decode step each library call runs with cold caches after the forward
-    pass, so calls, not arithmetic, are much of the cost."""
-    words = (vocab_size + 31) // 32
-    bits = np.empty((len(constraints), words), np.int32)
-    if len(constraints) == 1:
-        constraints[0].matcher.unsafe_compute_mask_ptr(bits.ctypes.data, words * 4)
-    else:
-        pairs = [(c.matcher, i) for i, c in enumerate(constraints)]
-        _executor().unsafe_compute_mask_ptr(pairs, bits.ctypes.data, words * 4, len(constraints))
-    return bits
-
-
 class MaskBuffer:
     """The decode core's per-step masks for up to `rows` constrained rows, in arrays allocated once (their
-    addresses taken once): `bias(constraints)` is (C, V) float32 0/-inf, the same as
-    `mask_bias(next_token_bits(constraints, V), V)` with no allocation or pointer lookup per step."""
+    addresses taken once): `bias(constraints)` is (C, V) float32 0/-inf, the same as `mask_bias` of their
+    bitmasks, with no allocation or pointer lookup per step. llguidance writes constraint i's allowed next
+    tokens (bit j of word w is token 32w + j) straight into row i of `bits` (several constraints at once
+    in its threads, outside the GIL); no torch wrapper: in a decode step each library call runs with cold
+    caches after the forward pass, so calls, not arithmetic, are much of the cost."""
 
     def __init__(self, rows: int, vocab_size: int):
         self.V, self.words = vocab_size, (vocab_size + 31) // 32
@@ -182,11 +170,6 @@ class MaskBuffer:
             return mask_bias(self.bits[:C], self.V)
         np.take(_BYTE_BIAS, self.bits[:C].view(np.uint8), axis=0, out=self.out[:C])
         return torch.from_numpy(self.out[:C].reshape(C, -1)[:, : self.V])
-
-
-def fill_masks(constraints: list[Constraint], bitmask: torch.Tensor) -> None:
-    """`next_token_bits` into a (C, ceil(V/32)) int32 tensor."""
-    bitmask.copy_(torch.from_numpy(next_token_bits(constraints, 32 * bitmask.shape[1])))
 
 
 @lru_cache(1)
@@ -223,8 +206,6 @@ __all__ = [
     "token_bytes",
     "compile_grammar",
     "Constraint",
-    "fill_masks",
-    "next_token_bits",
     "mask_bias",
     "MaskBuffer",
 ]

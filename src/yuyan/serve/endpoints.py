@@ -194,23 +194,31 @@ def embedding_json(model: Transformer, ids: list[list[int]], group: list[int], f
     return out
 
 
-@router.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **BODY_ERRORS})
-async def embeddings(body: EmbeddingRequest, request: Request):
-    """OpenAI's embeddings: the L2-normalised mean of the final hidden states over each input's tokens."""
+async def _background_items(request: Request, ids: list[list[int]], answer) -> tuple[bytes, str]:
+    """The JSON items of every input, `answer(group)` run on the scheduler thread as background calls of
+    `embedding_chunks` groups (between decode steps), joined in input order; with the usage object, the
+    inputs' tokens counted in /metrics."""
     s = request.app.state.server
-    ids = await s.off_loop(embedding_inputs, body, s)
     parts: dict[int, bytes] = {}
     for group in embedding_chunks(ids):
-        work = s.sched.run_exclusive(
-            lambda g=group: embedding_json(s.lm.model, ids, g, body.encoding_format), background=True
-        )
+        work = s.sched.run_exclusive(lambda g=group: answer(g), background=True)
         parts.update(zip(group, await asyncio.wrap_future(work), strict=True))
     tokens = sum(len(x) for x in ids)
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.prompt_tokens.inc(tokens)
     usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens})
-    data = b",".join(parts[i] for i in range(len(ids)))
+    return b",".join(parts[i] for i in range(len(ids))), usage
+
+
+@router.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **BODY_ERRORS})
+async def embeddings(body: EmbeddingRequest, request: Request):
+    """OpenAI's embeddings: the L2-normalised mean of the final hidden states over each input's tokens."""
+    s = request.app.state.server
+    ids = await s.off_loop(embedding_inputs, body, s)
+    data, usage = await _background_items(
+        request, ids, lambda g: embedding_json(s.lm.model, ids, g, body.encoding_format)
+    )
     tail = f'],"model":{json.dumps(s.config.model_name)},"usage":{usage}}}'
     return Response(b'{"object":"list","data":[' + data + tail.encode(), media_type="application/json")
 
@@ -256,16 +264,7 @@ async def classify(body: ClassifyRequest, request: Request):
     """The served classifier's class name and per-class probabilities for each text."""
     s = request.app.state.server
     ids = await s.off_loop(classify_inputs, body, s)
-    parts: dict[int, bytes] = {}
-    for group in embedding_chunks(ids):
-        work = s.sched.run_exclusive(lambda g=group: classify_json(s.classifier, ids, g), background=True)
-        parts.update(zip(group, await asyncio.wrap_future(work), strict=True))
-    tokens = sum(len(x) for x in ids)
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.prompt_tokens.inc(tokens)
-    usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens})
-    data = b",".join(parts[i] for i in range(len(ids)))
+    data, usage = await _background_items(request, ids, lambda g: classify_json(s.classifier, ids, g))
     labels = json.dumps(s.classifier.labels, ensure_ascii=False)
     tail = f'],"model":{json.dumps(s.config.model_name)},"labels":{labels},"usage":{usage}}}'
     return Response(b'{"object":"list","data":[' + data + tail.encode(), media_type="application/json")
