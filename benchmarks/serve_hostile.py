@@ -231,6 +231,14 @@ def main() -> None:
         default=len(os.sched_getaffinity(0)) >= 2,
         help="server on the first core, clients on the others (default with 2+ cores)",
     )
+    ap.add_argument(
+        "--decode-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server decodes in a process of its own (`yuyan serve`'s default); --no-decode-process: "
+        "in a thread of the HTTP process, as before",
+    )
+    ap.add_argument("--server-args", default="", help="more `yuyan serve` options, e.g. '--http-nice 5'")
     args = ap.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,6 +257,8 @@ def main() -> None:
             str(HEADER_TIMEOUT_S),
             "--body-timeout-s",
             str(BODY_TIMEOUT_S),
+            "--decode-process" if args.decode_process else "--no-decode-process",
+            *args.server_args.split(),
         )
         if args.pin:
             os.sched_setaffinity(0, set(cores[1:]))
@@ -271,6 +281,8 @@ def main() -> None:
                 "bench": "serve_hostile",
                 "model": f"random {args.preset} preset",
                 "pinned": bool(args.pin),
+                "decode_process": bool(args.decode_process),
+                "server_args": args.server_args,
                 "idle_flood": idle,
                 "slow_body_flood": slow,
                 "stream": stream,

@@ -10,9 +10,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import fields
+from pathlib import Path
 
 import httpx
 import openai
@@ -22,6 +24,7 @@ from tests._serve_util import serve, tiny_lm
 from yuyan.cli.serve import HELP as SERVE_HELP
 from yuyan.generate.config import GenerationConfig
 from yuyan.generate.engine import generate
+from yuyan.generate.remote import DecodeProcess
 from yuyan.generate.sampling import SamplingParams
 from yuyan.generate.scheduler import Finished, QueueFull, Scheduler, SchedulerClosed, Token, run_to_completion
 from yuyan.model.checkpoint import save_checkpoint
@@ -38,12 +41,42 @@ def _ref(lm, prompt, **kw) -> list:
 
 
 # ------------------------------------------------------------------------------------------ scheduler
-def _hold(sched: Scheduler) -> threading.Event:
-    """Park the scheduler thread until the returned event is set (it is parked when this returns)."""
+def _hold(sched) -> threading.Event:
+    """Park the scheduler thread until the returned event is set (it is parked when this returns). In a
+    decode process the parking call is a background call that waits for a file."""
+    if isinstance(sched, DecodeProcess):
+        return _hold_remote(sched)
     parked, gate = threading.Event(), threading.Event()
     sched.run_exclusive(lambda: (parked.set(), gate.wait(60)))
     assert parked.wait(30)
     return gate
+
+
+def _park(_context, parked: str, gate: str) -> None:
+    """Runs in the decode process: say it is parked, then wait for the gate file (60 s at most)."""
+    Path(parked).touch()
+    t0 = time.monotonic()
+    while not Path(gate).exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+
+
+class _FileGate:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def set(self) -> None:
+        self.path.touch()
+
+
+def _hold_remote(sched) -> _FileGate:
+    folder = Path(tempfile.mkdtemp())
+    parked, gate = folder / "parked", folder / "gate"
+    sched.background(_park, str(parked), str(gate))
+    t0 = time.monotonic()
+    while not parked.exists():
+        assert time.monotonic() - t0 < 30, "the decode process did not park"
+        time.sleep(0.01)
+    return _FileGate(gate)
 
 
 def test_scheduler_matches_engine(tokenizer, family):

@@ -80,7 +80,9 @@ def test_embeddings_equal_the_models_pooled_hidden_states(server, client, tokeni
             assert np.abs(np.array(d.embedding) - w).max() < 1e-5
     finally:
         del lm.model.hidden
-    assert len(seen) > 3 and set(seen) == {"yuyan-scheduler"}, set(seen)
+    # the server decodes in a process of its own: not one forward pass (embeddings included) ran in this
+    # one (in-process, they ran on the scheduler thread: tests/test_serve_reliability.py)
+    assert seen == [], set(seen)
     # base64 holds exactly the float answer's numbers (float32 both)
     raw = post(server, "/v1/embeddings", {"model": "tiny", "input": TEXTS, "encoding_format": "base64"})
     floats = post(server, "/v1/embeddings", {"model": "tiny", "input": TEXTS}).json()

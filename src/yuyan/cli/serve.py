@@ -45,6 +45,12 @@ HELP = {
     "dtype": "decode weights auto|fp32|bf16 (auto: bf16 where a timed decode step here says it pays)",
     "prefix_cache_tokens": "keep the keys/values of shared prompt prefixes (system prompts, few-shot "
     "headers) for this many tokens, LRU-evicted, so later requests skip recomputing them (0: off)",
+    "decode_process": "decode in a process of its own, so that HTTP and JSON work never holds the decode "
+    "loop's GIL (--no-decode-process: a thread of the server's process)",
+    "http_nice": "with --decode-process, the HTTP process's CPU priority below the decode process's "
+    "(nice increment, 0-19): on a busy machine decoding runs first and hostile requests wait",
+    "background_share": "while rows decode, the most of the decode thread's time that attention "
+    "inspections, embeddings and classifications may take (0-1]; idle, they run at once",
     "sliding_window": "let requests generate past the context by dropping the oldest tokens (a request's "
     "sliding_window field overrides this; off keeps OpenAI's contract: prompt + max_tokens must fit)",
 }
@@ -109,6 +115,7 @@ def serve_cmd(
 
     Example: yuyan serve --model runs/demo --port 8000   then open http://127.0.0.1:8000/
     """
+    import os
     import sys
     from pathlib import Path
 
@@ -125,6 +132,11 @@ def serve_cmd(
     # default 5 ms switch interval made each wait up to 5 ms (measured: 1-client tokens/s x1.9 at 0.5 ms)
     sys.setswitchinterval(0.0005)
     server_app = create_app(lm, config)
+    server_app.state.scheduler.start()  # before uvicorn: a decode process that cannot start is one line
+    if config.decode_process and config.http_nice:
+        # this thread (the event loop) and the threads it starts from now on yield the CPU to the decode
+        # process, which was started at the usual priority; the thread reading its events was too
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + config.http_nice)
     host, port = config.host, config.port
     print(
         f"yuyan serve: model {config.model_name!r} at http://{host}:{port}/ (playground), "

@@ -43,10 +43,13 @@ from yuyan.tokenizer import Tokenizer
 log = logging.getLogger("yuyan.scheduler")
 SHUTDOWN = "the server is shutting down"
 # While rows decode, background calls (attention inspections, embeddings: forward passes that are nobody's
-# stream) get at most this share of the decode thread's time, so a stream's time per token grows at most
-# 1 + BACKGROUND_SHARE times however many of them wait; credit beyond BACKGROUND_BURST_S is not kept.
-BACKGROUND_SHARE = 0.5
-BACKGROUND_BURST_S = 0.1
+# stream) get at most a share of the decode thread's time (`background_share`, default BACKGROUND_SHARE),
+# so a stream's time per token grows at most 1 + share times however many of them wait; credit beyond
+# BACKGROUND_BURST_S is not kept. Measured with 4 clients inspecting back to back beside one stream (the
+# server on one core, BENCHMARKS.md): share 0.5 and burst 0.1 s made the stream 1.9x slower, 0.1 and
+# 0.02 s 1.4x; each call's answer also costs the HTTP side, which this share cannot see.
+BACKGROUND_SHARE = 0.1
+BACKGROUND_BURST_S = 0.02
 
 
 class QueueFull(Exception):
@@ -145,6 +148,8 @@ class Handle:
 class Scheduler:
     """Continuous batching over one model. `start()` launches the thread; `submit()` is thread-safe."""
 
+    in_process = True  # background calls share this process's objects (a DecodeProcess: False)
+
     def __init__(
         self,
         model: Transformer,
@@ -153,10 +158,13 @@ class Scheduler:
         max_queue: int = 64,
         threads: int | None = None,
         prefix_cache_tokens: int = 0,
+        context: object = None,
+        background_share: float = BACKGROUND_SHARE,
     ):
-        if max_batch < 1 or max_queue < 0:
-            raise UserError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.check_settings(max_batch, max_queue, prefix_cache_tokens, background_share)
+        self.background_share = background_share
         self.model = decode_layout(model.eval())
+        self.context = context  # what background(fn, *args) calls get first
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.block_size = model.config.block_size
@@ -164,8 +172,6 @@ class Scheduler:
         # as fast as two, and spare cores keep the HTTP loop responsive; None leaves torch's setting
         self.threads = threads
         # K/V of prompt prefixes shared between requests (generate/prefix.py); 0: off
-        if prefix_cache_tokens < 0:
-            raise UserError(f"prefix_cache_tokens must be >= 0 (0: off), got {prefix_cache_tokens}")
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
@@ -213,29 +219,22 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @staticmethod
+    def check_settings(
+        max_batch: int, max_queue: int, prefix_cache_tokens: int, background_share: float = BACKGROUND_SHARE
+    ) -> None:
+        if not 0 < background_share <= 1:
+            raise UserError(f"background_share must be in (0, 1], got {background_share}")
+        if max_batch < 1 or max_queue < 0:
+            raise UserError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if prefix_cache_tokens < 0:
+            raise UserError(f"prefix_cache_tokens must be >= 0 (0: off), got {prefix_cache_tokens}")
+
     def check(self, prompt: list[int], config: GenerationConfig) -> list[int]:
         """The request's settings and prompt, checked as `generate()` checks them, plus what a batch of
         this scheduler cannot do; returns the prompt ids to decode. Raises UserError (ContextLengthError)."""
-        config.validate()
-        checks = [
-            (
-                config.max_new_tokens >= 1 or config.prompt_logprobs is not None,
-                f"max_tokens must be >= 1 (0 only to score the prompt), got {config.max_new_tokens}",
-            ),
-            (config.num_beams == 1, "beam search is not served; use num_beams 1"),
-            (config.speculative == 0, "speculative decoding is not served; use speculative 0"),
-            (
-                config.sampling.n <= self.max_batch,
-                f"n is {config.sampling.n} but the server decodes at most {self.max_batch} rows; lower n",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
         V = self.model.config.vocab_size
-        if config.grammar is not None:  # a bad schema or regex is the request's error, before it queues
-            compile_grammar(self.tokenizer, config.grammar, V)
-        return check_prompt([int(t) for t in prompt], config, self.block_size, V)
+        return check_request(prompt, config, self.max_batch, self.block_size, V, self.tokenizer)
 
     def submit(
         self, prompt: list[int], config: GenerationConfig, *, emit: Callable[[Event], None] | None = None
@@ -260,7 +259,7 @@ class Scheduler:
     def run_exclusive(self, fn: Callable[[], object], background: bool = False) -> Future:
         """Run fn() on the scheduler thread between two decode steps. A `background` call (an attention
         inspection, an embedding: a forward pass no stream waits for) runs when no row decodes, or when
-        its share of the thread's time allows (BACKGROUND_SHARE); at most max_queue of them wait, then
+        its share of the thread's time allows (`background_share`); at most max_queue of them wait, then
         QueueFull. The thread's torch settings apply, so it never competes with decoding for the cores."""
         fut: Future = Future()
         with self._cv:
@@ -273,6 +272,11 @@ class Scheduler:
             (self._background if background else self._calls).append((fn, fut))
             self._cv.notify_all()
         return fut
+
+    def background(self, fn: Callable[..., object], *args) -> Future:
+        """fn(self.context, *args) as a background call (run_exclusive(background=True)): the form a
+        `DecodeProcess` can send to its child, where the context is the child's copy."""
+        return self.run_exclusive(lambda: fn(self.context, *args), background=True)
 
     def _background_due(self) -> list[tuple[Callable, Future]]:
         """The next background call, when no row decodes or its time share allows one (lock held)."""
@@ -313,7 +317,7 @@ class Scheduler:
             try:
                 self._iteration(admitted)
                 if decoding:
-                    spent = (time.perf_counter() - t0) * BACKGROUND_SHARE
+                    spent = (time.perf_counter() - t0) * self.background_share
                     self._credit = min(self._credit + spent, BACKGROUND_BURST_S)
             except Exception:
                 log.exception("scheduler step failed; failing the active requests")
@@ -432,6 +436,36 @@ class Scheduler:
         }
 
 
+def check_request(
+    prompt: list[int],
+    config: GenerationConfig,
+    max_batch: int,
+    block_size: int,
+    vocab_size: int,
+    tokenizer: Tokenizer,
+) -> list[int]:
+    """`Scheduler.check` for a scheduler of these sizes (a `DecodeProcess` checks in the caller's process)."""
+    config.validate()
+    checks = [
+        (
+            config.max_new_tokens >= 1 or config.prompt_logprobs is not None,
+            f"max_tokens must be >= 1 (0 only to score the prompt), got {config.max_new_tokens}",
+        ),
+        (config.num_beams == 1, "beam search is not served; use num_beams 1"),
+        (config.speculative == 0, "speculative decoding is not served; use speculative 0"),
+        (
+            config.sampling.n <= max_batch,
+            f"n is {config.sampling.n} but the server decodes at most {max_batch} rows; lower n",
+        ),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    if config.grammar is not None:  # a bad schema or regex is the request's error, before it queues
+        compile_grammar(tokenizer, config.grammar, vocab_size)
+    return check_prompt([int(t) for t in prompt], config, block_size, vocab_size)
+
+
 def _run_calls(calls: list[tuple[Callable, Future]]) -> None:
     for fn, fut in calls:
         try:
@@ -472,5 +506,6 @@ __all__ = [
     "Failed",
     "QueueFull",
     "SchedulerClosed",
+    "check_request",
     "run_to_completion",
 ]

@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from yuyan.errors import UserError
 from yuyan.generate.config import GenerationConfig
+from yuyan.generate.remote import DecodeProcess
 from yuyan.generate.scheduler import Scheduler
 from yuyan.model.checkpoint import LanguageModel
 from yuyan.model.heads import Classifier
@@ -56,11 +57,22 @@ router = APIRouter()
 
 
 @dataclass
+class Served:
+    """What background calls read on the decoding side (the scheduler's `context`; a decode process gets
+    its own copy): the model, its tokenizer, the settings, the prompt bounds and a classification head."""
+
+    lm: LanguageModel
+    config: ServeConfig
+    prompts: protocol.Prompts
+    classifier: Classifier | None = None
+
+
+@dataclass
 class Server:
     """What the routes share, kept on `app.state.server`: the model, its scheduler and the settings."""
 
     lm: LanguageModel
-    sched: Scheduler
+    sched: Scheduler | DecodeProcess
     config: ServeConfig
     own: bool  # the scheduler was made here: started and stopped with the app
     prompts: protocol.Prompts
@@ -113,18 +125,27 @@ def create_app(
     Raises UserError for settings that bound nothing or a model whose logits are not finite."""
     config = (config or ServeConfig()).validate()
     check_finite_logits(lm, config.model_name)
-    sched = scheduler or Scheduler(
-        lm.model,
-        lm.tokenizer,
-        max_batch=config.max_batch,
-        max_queue=config.max_queue,
-        threads=config.threads,
-        prefix_cache_tokens=config.prefix_cache_tokens,
-    )
-    app = _api()
-    prompts = protocol.Prompts.of(lm.tokenizer, sched.block_size)
+    prompts = protocol.Prompts.of(lm.tokenizer, lm.model.config.block_size)
     has_head = lm.meta.get("task") == "classify" and "score.weight" in lm.extra_tensors
     classifier = Classifier.from_language_model(lm) if has_head else None
+    served = Served(lm, config, prompts, classifier)
+    if scheduler is not None:
+        if scheduler.context is None:
+            scheduler.context = served
+        sched = scheduler
+    else:
+        make = DecodeProcess if config.decode_process else Scheduler
+        sched = make(
+            lm.model,
+            lm.tokenizer,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            threads=config.threads,
+            prefix_cache_tokens=config.prefix_cache_tokens,
+            context=served,
+            background_share=config.background_share,
+        )
+    app = _api()
     app.state.server = Server(
         lm, sched, config, own=scheduler is None, prompts=prompts, classifier=classifier
     )
@@ -154,7 +175,7 @@ def openapi_schema() -> dict:
 async def _lifespan(app: FastAPI):
     s: Server = app.state.server
     if s.own:
-        s.sched.start()
+        await run_in_threadpool(s.sched.start)  # a decode process takes seconds to start
     log.info(
         "serving %s (context %d, max batch %d, sliding window %s); API key %s",
         s.config.model_name,
@@ -271,15 +292,16 @@ async def inspect_attention(body: InspectRequest, request: Request):
     s = _server(request)
     protocol.check_model(body.model, s.config)
     keep = min(s.config.inspect_max_tokens, s.context)
-    work = s.sched.run_exclusive(lambda: _inspection(s, body.text, keep), background=True)
+    work = s.sched.background(_inspection, body.text, keep)
     return Response(await asyncio.wrap_future(work), media_type="application/json")
 
 
-def _inspection(s: Server, text: str, keep: int) -> bytes:
-    """The attention view as JSON bytes, made on the scheduler thread as a background call: between decode
-    steps, within its share of the thread's time, tokenising (only the text's end), the forward pass and
-    the JSON (layers x heads x keep^2 integers) alike. On the prepare thread, beside decoding, they took
-    the cores and the GIL from it: 4 inspecting clients made a stream's tokens 7x slower."""
+def _inspection(s: Served, text: str, keep: int) -> bytes:
+    """The attention view as JSON bytes, made on the decoding side (the scheduler thread, or the decode
+    process) as a background call: between decode steps, within its share of the thread's time,
+    tokenising (only the text's end), the forward pass and the JSON (layers x heads x keep^2 integers)
+    alike. On the HTTP side they competed with every stream's delivery: 4 inspecting clients made a
+    stream's tokens 7x slower in one process, 3x with the JSON in the HTTP process of two."""
     ids = s.prompts.last_tokens(text, keep)
     if not ids:
         raise ApiError(400, "the text has no tokens; give some text", "text")

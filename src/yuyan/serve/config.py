@@ -50,6 +50,17 @@ class ServeConfig:
     # once, and the bound keeps it small beside the decode cache (GPT-2 124M fp32: 288 MiB, a quarter of
     # its 16 rows x 1024 positions)
     prefix_cache_tokens: int = 4096
+    # decode in a child process (yuyan.generate.remote.DecodeProcess): HTTP, JSON and validation then never
+    # hold the decode loop's GIL, so one client's large requests cannot stall another's stream; off: the
+    # scheduler is a thread of the server's process (what tests that reach into it use)
+    decode_process: bool = True
+    # with decode_process, `yuyan serve` lowers its HTTP process's CPU priority by this nice increment
+    # (0: not): where the cores are busy, the decode process runs first, and one client's requests, however
+    # many, wait for the CPU instead of stalling another's stream (RELIABILITY.md)
+    http_nice: int = 5
+    # while rows decode, attention inspections, embeddings and classifications get at most this share of
+    # the decode thread's time (generate/scheduler.py); alone, they run at once
+    background_share: float = 0.1
 
     def validate(self) -> ServeConfig:
         """Refuse settings that bound nothing (a UserError naming the option); returns self."""
@@ -72,6 +83,10 @@ class ServeConfig:
                 f"--prefix-cache-tokens must be 0 (off) or at least one block of {BLOCK_TOKENS} tokens, "
                 f"got {self.prefix_cache_tokens}"
             )
+        if not (math.isfinite(self.background_share) and 0 < self.background_share <= 1):
+            raise UserError(f"--background-share must be in (0, 1], got {self.background_share}")
+        if not 0 <= self.http_nice <= 19:
+            raise UserError(f"--http-nice must be 0 to 19 (a nice increment), got {self.http_nice}")
         for name in ("header_timeout_s", "body_timeout_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):

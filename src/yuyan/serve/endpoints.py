@@ -194,14 +194,19 @@ def embedding_json(model: Transformer, ids: list[list[int]], group: list[int], f
     return out
 
 
-async def _background_items(request: Request, ids: list[list[int]], answer) -> tuple[bytes, str]:
-    """The JSON items of every input, `answer(group)` run on the scheduler thread as background calls of
-    `embedding_chunks` groups (between decode steps), joined in input order; with the usage object, the
-    inputs' tokens counted in /metrics."""
+def embedding_part(s, ids: list[list[int]], group: list[int], fmt: str) -> list[bytes]:
+    """`embedding_json` as a background call (`s`: the scheduler's context, an app.Served)."""
+    return embedding_json(s.lm.model, ids, group, fmt)
+
+
+async def _background_items(request: Request, ids: list[list[int]], part, *args) -> tuple[bytes, str]:
+    """The JSON items of every input, `part(context, *args, ids, group)` run on the decoding side as
+    background calls of `embedding_chunks` groups (between decode steps), joined in input order; with the
+    usage object, the inputs' tokens counted in /metrics."""
     s = request.app.state.server
     parts: dict[int, bytes] = {}
     for group in embedding_chunks(ids):
-        work = s.sched.run_exclusive(lambda g=group: answer(g), background=True)
+        work = s.sched.background(part, ids, group, *args)
         parts.update(zip(group, await asyncio.wrap_future(work), strict=True))
     tokens = sum(len(x) for x in ids)
     metrics = getattr(request.app.state, "metrics", None)
@@ -216,9 +221,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     """OpenAI's embeddings: the L2-normalised mean of the final hidden states over each input's tokens."""
     s = request.app.state.server
     ids = await s.off_loop(embedding_inputs, body, s)
-    data, usage = await _background_items(
-        request, ids, lambda g: embedding_json(s.lm.model, ids, g, body.encoding_format)
-    )
+    data, usage = await _background_items(request, ids, embedding_part, body.encoding_format)
     tail = f'],"model":{json.dumps(s.config.model_name)},"usage":{usage}}}'
     return Response(b'{"object":"list","data":[' + data + tail.encode(), media_type="application/json")
 
@@ -250,9 +253,9 @@ def classify_inputs(body: ClassifyRequest, s) -> list[list[int]]:
     return ids
 
 
-def classify_json(classifier, ids: list[list[int]], group: list[int]) -> list[bytes]:
-    """The answers of the inputs `group` as JSON objects (on the scheduler thread)."""
-    out = classifier.predict_ids([ids[i] for i in group])
+def classify_json(s, ids: list[list[int]], group: list[int]) -> list[bytes]:
+    """The answers of the inputs `group` as JSON objects, a background call (`s`: an app.Served)."""
+    out = s.classifier.predict_ids([ids[i] for i in group])
     return [
         json.dumps({"index": i, "label": label, "probs": probs}, ensure_ascii=False).encode()
         for i, (label, probs) in zip(group, out, strict=True)
@@ -264,7 +267,7 @@ async def classify(body: ClassifyRequest, request: Request):
     """The served classifier's class name and per-class probabilities for each text."""
     s = request.app.state.server
     ids = await s.off_loop(classify_inputs, body, s)
-    data, usage = await _background_items(request, ids, lambda g: classify_json(s.classifier, ids, g))
+    data, usage = await _background_items(request, ids, classify_json)
     labels = json.dumps(s.classifier.labels, ensure_ascii=False)
     tail = f'],"model":{json.dumps(s.config.model_name)},"labels":{labels},"usage":{usage}}}'
     return Response(b'{"object":"list","data":[' + data + tail.encode(), media_type="application/json")
