@@ -110,6 +110,8 @@ TABLE = [
     ("audit extraction", "--model {model} --corpus {missing}", "corpus"),
     ("audit extraction", "--model {model} --corpus {corpus} --n 0", "--n"),
     ("serve", "--model {missing}", "not found"),
+    ("serve", "--model {model} --http-nice 30", "--http-nice"),
+    ("serve", "--model {model} --background-share 0", "--background-share"),
     ("run", "nosuch --model {model} --prompt hi", "task"),
     ("run", "qa --model {model} --prompt hi --source English", "--source"),
     ("run", "generate --model {model} --prompt {surrogate}", "UTF-8"),

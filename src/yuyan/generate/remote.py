@@ -165,7 +165,14 @@ class DecodeProcess:
             name="yuyan-decode",
             daemon=True,
         )
-        self._proc.start()
+        try:
+            self._proc.start()  # pickles the model: its tensors move to shared memory here
+        except (OSError, RuntimeError) as e:
+            self._proc = None
+            raise UserError(
+                f"the decode process could not be given the model through shared memory (/dev/shm): {e}; "
+                "give it more room (docker run --shm-size) or serve with --no-decode-process"
+            ) from None
         cmd_r.close()
         ev_w.close()
         self._cmd, self._ev = cmd_w, ev_r
