@@ -273,6 +273,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-words", type=int, default=16)
     ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument(
+        "--server-args", default="", help="throughput mode: more `yuyan serve` options (--no-decode-process)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         # the prefix mode's prompts need a context longer than the demo preset's 128 tokens
@@ -285,7 +288,7 @@ def main() -> None:
             print(json.dumps(structured_mode(args, model_dir)))
             return
         port = free_port()
-        proc = start_server(model_dir, port, "--max-batch", "16")
+        proc = start_server(model_dir, port, "--max-batch", "16", *args.server_args.split())
         base = f"http://127.0.0.1:{port}"
         try:
             name = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
@@ -304,6 +307,7 @@ def main() -> None:
                 "bench": "serve",
                 "model": args.model or f"random {args.preset} preset",
                 "max_tokens": args.max_tokens,
+                "server_args": args.server_args,
                 "levels": levels,
                 "reference_1_client_tokens_per_s": ref["tokens_per_s"],
                 f"ours_{top['clients']}_clients_tokens_per_s": top["tokens_per_s"],
