@@ -241,3 +241,31 @@ def test_table_covers_every_command():
     import yuyan.cli.entry  # noqa: F401 (registers every command on the app)
 
     assert _commands(app) == {c for c, _, _ in TABLE}
+
+
+def _leaf_commands(cmd, path=()):
+    if hasattr(cmd, "commands"):
+        for name, sub in cmd.commands.items():
+            yield from _leaf_commands(sub, (*path, name))
+    else:
+        yield " ".join(path), cmd
+
+
+def test_every_option_says_its_default_in_help():
+    """Every option of every command either shows its default ([default: X]) or says in its help what
+    leaving it out does; plain on-switches (absent: off) and required options are exempt."""
+    import typer
+
+    from yuyan.cli import app
+
+    silent = []
+    for name, cmd in _leaf_commands(typer.main.get_command(app)):
+        for p in cmd.params:
+            if "Option" not in type(p).__name__ or p.required or p.hidden:
+                continue
+            if p.is_flag and p.default is False and not p.secondary_opts:
+                continue
+            shown = p.show_default is not False and p.default is not None and p.default not in ([], ())
+            if not shown and "default" not in (p.help or "").lower():
+                silent.append(f"{name} {p.opts[0]}")
+    assert not silent, silent

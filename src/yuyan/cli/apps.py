@@ -88,14 +88,24 @@ def _sentiment(lm, text: str, labels: str | None, as_json: bool) -> None:
 def run_cmd(
     task: str = typer.Argument(..., help="generate | chat | summarize | translate | qa | sentiment | code"),
     model: str = MODEL,
-    prompt: str | None = typer.Option(None, "--prompt", "-p", help="the input text (question for qa)"),
-    file: Path | None = typer.Option(None, "--file", "-f", help="read the input text from a file"),
-    context: str | None = typer.Option(None, "--context", help="qa: the passage to answer from"),
+    prompt: str | None = typer.Option(
+        None, "--prompt", "-p", help="the input text (question for qa; default: --file or stdin)"
+    ),
+    file: Path | None = typer.Option(
+        None, "--file", "-f", help="read the input text from a file (default: --prompt or stdin)"
+    ),
+    context: str | None = typer.Option(
+        None,
+        "--context",
+        help="qa: the passage to answer from (default: none, the model answers from what it knows)",
+    ),
     source: str | None = typer.Option(None, "--source", help="translate: source language (default: English)"),
     target: str | None = typer.Option(None, "--target", help="translate: target language (default: Chinese)"),
-    system: str | None = typer.Option(None, "--system", help="chat: a system message"),
+    system: str | None = typer.Option(None, "--system", help="chat: a system message (default: none)"),
     labels: str | None = typer.Option(
-        None, "--labels", help="sentiment by prompting: comma-separated label words"
+        None,
+        "--labels",
+        help="sentiment by prompting: comma-separated label words (default: positive,negative)",
     ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per result"),
     gen: dict = None,

@@ -32,7 +32,7 @@ from yuyan.generate.sampling import SamplingParams
 
 MODEL_HELP = "checkpoint folder, Hugging Face folder or hf:NAME"
 MODEL = typer.Option(..., "--model", "-m", help=MODEL_HELP)
-QUANTIZE = typer.Option(None, "--quantize", help="int8: int8 weights for faster CPU decoding")
+QUANTIZE = typer.Option(None, "--quantize", help="int8: int8 weights for faster CPU decoding (default: off)")
 QUANTIZE_CHOICES = ("int8",)
 DTYPE_HELP = "decode weights auto|fp32|bf16 (auto: bf16 where a timed decode step here says it pays)"
 DTYPE = typer.Option("auto", "--dtype", help=DTYPE_HELP)
@@ -180,14 +180,32 @@ def _option_type(tp: Any) -> tuple[Any, bool]:
     return str | None, True
 
 
-def _parameter(s: Setting, default: Any) -> inspect.Parameter:
+# what an unset setting means, where typer cannot show it (its option's default is None)
+UNSET = {"seed": "a fresh random seed", "stop": "none", "logit_bias": "none"}
+
+
+def _unset(s: Setting, default: Any) -> str:
+    if s.name in UNSET:
+        return UNSET[s.name]
+    if default is None or default in ([], {}):
+        return "off"
+    return json.dumps(default)
+
+
+def _parameter(s: Setting, default: Any, unset: str | None = None) -> inspect.Parameter:
+    """The option of one setting; where its typer default is None, the help says what unset means
+    (`unset`, else the setting's own default)."""
     tp, as_json = _option_type(s.type)
     flags = s.flags
     if s.type is bool:  # an on/off switch: --sliding-window / --no-sliding-window
         flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
+    meaning = default
     if as_json or not isinstance(default, bool | int | float | str):
         default = None  # unset: the dataclass default (typer would turn False into the text "False")
-    option = typer.Option(default, *flags, help=HELP.get(s.name, s.name.replace("_", " ")))
+    help_text = HELP.get(s.name, s.name.replace("_", " "))
+    if default is None and "default" not in help_text:
+        help_text += f" (default: {unset or _unset(s, meaning)})"
+    option = typer.Option(default, *flags, help=help_text)
     return inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=tp)
 
 
@@ -258,7 +276,7 @@ def generation_overrides(exclude: tuple[str, ...] = ()) -> Callable:
     """Like `generation_options`, but every option starts unset and the command's `gen` receives only the
     settings given (a flat dict), to lay over defaults it picks later (a task's, in `yuyan run`)."""
     offered = _offered(exclude)
-    params = [_parameter(s, None) for s in offered]
+    params = [_parameter(s, None, "the task's") for s in offered]
     return _decorate(dict, offered, params)
 
 

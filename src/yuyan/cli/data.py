@@ -28,7 +28,11 @@ def prepare_cmd(
     text_field: str = typer.Option(
         "text", "--text-field", help="JSONL field or Parquet/datasets column that holds the text"
     ),
-    extensions: str = typer.Option(None, "--extensions", help="comma list of file extensions for folders"),
+    extensions: str = typer.Option(
+        None,
+        "--extensions",
+        help="comma list of file extensions for folders (default: common text and code extensions, yuyan.data.corpus.DEFAULT_EXTENSIONS)",
+    ),
     workers: int = typer.Option(None, "--workers", help="tokenizer threads (default: all cores)"),
     force: bool = typer.Option(
         False,
@@ -40,7 +44,7 @@ def prepare_cmd(
         None,
         "--scrub",
         help="pii: replace e-mails, phones, IDs, cards, IPs, IBANs and secrets with placeholders before "
-        "tokenizing (yuyan scrub --help); writes scrub_report.json beside the shards",
+        "tokenizing (yuyan scrub --help); writes scrub_report.json beside the shards (default: off)",
     ),
 ) -> None:
     """Tokenize a corpus into memmapped token shards for training.
@@ -100,7 +104,11 @@ def scrub_cmd(
         ..., "--out", "-o", help="folder for corpus/ (the scrubbed copies) and scrub_report.json"
     ),
     text_field: str = typer.Option("text", "--text-field", help="JSONL field or column that holds the text"),
-    extensions: str = typer.Option(None, "--extensions", help="comma list of file extensions for folders"),
+    extensions: str = typer.Option(
+        None,
+        "--extensions",
+        help="comma list of file extensions for folders (default: common text and code extensions, yuyan.data.corpus.DEFAULT_EXTENSIONS)",
+    ),
     force: bool = typer.Option(
         False, "--force", help="write into a non-empty folder yuyan did not write (nothing in it is deleted)"
     ),

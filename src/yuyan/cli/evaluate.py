@@ -34,7 +34,12 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 # --model for the text metrics: needed to generate from --data, not to score --predictions
-GENERATING_MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (to generate from --data)")
+GENERATING_MODEL = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help=MODEL_HELP + " (to generate from --data; default: none, needed only with --data)",
+)
 OUT = typer.Option(
     None, "--out", help="folder for the JSON result and the Markdown report (default: none, print only)"
 )
@@ -89,7 +94,9 @@ def perplexity_cmd(
     ),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
     dtype: str = typer.Option("fp32", "--dtype", help=PPL_DTYPE_HELP),
-    max_bytes: int = typer.Option(None, help="score only the first N bytes of the corpus"),
+    max_bytes: int = typer.Option(
+        None, help="score only the first N bytes of the corpus (default: all of it)"
+    ),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
     out: Path = OUT,
     force: bool = FORCE,
@@ -204,8 +211,16 @@ def _text_metric(
     _emit(make_result(kind, model, r, settings), out)
 
 
-_DATA = typer.Option(None, "--data", help="JSONL with prompt and reference fields: generate, then score")
-_PRED = typer.Option(None, "--predictions", help="JSONL with prediction and reference fields: score as given")
+_DATA = typer.Option(
+    None,
+    "--data",
+    help="JSONL with prompt and reference fields: generate, then score (default: none; give it or --predictions)",
+)
+_PRED = typer.Option(
+    None,
+    "--predictions",
+    help="JSONL with prediction and reference fields: score as given (default: none; give it or --data)",
+)
 _PF = typer.Option("prompt", help="prompt field in --data")
 _RF = typer.Option("reference", help="reference field (a string or a list of strings)")
 _XF = typer.Option("prediction", help="prediction field in --predictions")
@@ -435,13 +450,19 @@ def harness_cmd(
     tasks: str = typer.Option(
         ..., "--tasks", help="comma-separated lm_eval task names, e.g. arc_easy,mytask"
     ),
-    include_path: Path = typer.Option(None, "--include-path", help="folder of your own task YAML files"),
-    limit: int = typer.Option(None, "--limit", help="score only the first N items of each task"),
+    include_path: Path = typer.Option(
+        None, "--include-path", help="folder of your own task YAML files (default: lm_eval's tasks only)"
+    ),
+    limit: int = typer.Option(
+        None, "--limit", help="score only the first N items of each task (default: all)"
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="requests per forward pass"),
     num_fewshot: int = typer.Option(
         None, "--num-fewshot", help="examples before each item (default: the task's)"
     ),
-    output: Path = typer.Option(None, "--output", help="write lm_eval's results as JSON to this file"),
+    output: Path = typer.Option(
+        None, "--output", help="write lm_eval's results as JSON to this file (default: not written)"
+    ),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
 ) -> None:
     """lm-evaluation-harness tasks scored in-process on the model (needs the eval extra: lm-eval).

@@ -54,7 +54,9 @@ def generate_cmd(
     model: str = MODEL,
     prompt: str = typer.Option(None, "--prompt", "-p", help="prompt text (default: --prompts-file or stdin)"),
     prompts_file: Path = typer.Option(
-        None, "--prompts-file", help='one prompt per line (\\n for newlines), or JSONL with "prompt"'
+        None,
+        "--prompts-file",
+        help='one prompt per line (\\n for newlines), or JSONL with "prompt" (default: --prompt or stdin)',
     ),
     stream: bool = typer.Option(False, "--stream", help="print text as it is generated (one prompt, n 1)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per prompt on stdout"),
@@ -122,7 +124,9 @@ CHAT_EXCLUDE = ("num_beams", "length_penalty", "early_stopping")
 @generation_options(CHAT_DEFAULTS, exclude=CHAT_FIXED + CHAT_EXCLUDE)
 def chat_cmd(
     model: str = MODEL,
-    system: str = typer.Option(None, "--system", help="system message that opens the conversation"),
+    system: str = typer.Option(
+        None, "--system", help="system message that opens the conversation (default: none)"
+    ),
     quantize: str = QUANTIZE,
     dtype: str = DTYPE,
     gen: GenerationConfig = None,

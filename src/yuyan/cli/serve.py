@@ -27,7 +27,7 @@ HELP = {
     "model_name": "model id clients use (default: the folder name)",
     "host": "address to listen on (non-loopback needs --api-key or --insecure); also a Host name accepted",
     "port": "TCP port",
-    "api_key": "require 'Authorization: Bearer KEY' on every endpoint but /health",
+    "api_key": "require 'Authorization: Bearer KEY' on every endpoint but /health (default: no key)",
     "max_batch": "rows decoded together (continuous batching)",
     "max_queue": "requests allowed to wait for a free row; more get 429",
     "max_body_bytes": "largest request body; larger get 413",
@@ -38,7 +38,7 @@ HELP = {
     "header_timeout_s": "seconds a connection may take to send its request headers before it is closed",
     "body_timeout_s": "seconds a request body may take to arrive whole; slower ones get 408",
     "allowed_hosts": "Host header name accepted besides loopback names and --host (repeatable or "
-    "comma-separated; '*': any). Guards a loopback server against DNS rebinding",
+    "comma-separated; '*': any; default: none). Guards a loopback server against DNS rebinding",
     "inspect_max_tokens": "the playground's attention view keeps the last this-many tokens",
     "threads": "torch CPU threads for decoding (0: torch's default); 1 leaves cores for HTTP and measured "
     "fastest for small models on a busy 2-core machine (BENCHMARKS.md)",

@@ -49,7 +49,9 @@ def train_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="folder to write tokenizer.json into"),
     text_field: str = typer.Option("text", "--text-field", help="JSONL field that holds the text"),
     extensions: str = typer.Option(
-        None, "--extensions", help="comma list of file extensions for folders, e.g. .py,.md"
+        None,
+        "--extensions",
+        help="comma list of file extensions for folders, e.g. .py,.md (default: common text and code extensions)",
     ),
     force: bool = FORCE,
 ) -> None:
@@ -130,7 +132,9 @@ def decode_cmd(
 @tok_app.command("info")
 def info_cmd(
     tokenizer: Path = TOKENIZER,
-    corpus: str = typer.Option(None, "--corpus", "-c", help="also measure bytes per token on this corpus"),
+    corpus: str = typer.Option(
+        None, "--corpus", "-c", help="also measure bytes per token on this corpus (default: not measured)"
+    ),
     split: str = typer.Option("val", "--split", help="corpus split to measure: all, train or val"),
     text_field: str = typer.Option("text", "--text-field", help="JSONL field that holds the text"),
     max_mb: float = typer.Option(8.0, "--max-mb", help="measure on at most this many MB of text"),
