@@ -176,6 +176,7 @@ UNSUPPORTED = [
     ),
     ("completions", {"guided_regex": "a+"}, "guided_regex"),
     ("completions", {"frobnicate": 1}, "frobnicate"),
+    ("completions", {"": None}, "''"),  # a field named by the empty string (schemathesis found a 500)
     ("chat", {"response_format": {"type": "json_schema"}}, "response_format"),
     ("chat", {"response_format": {"type": "yaml"}}, "response_format"),
 ]
@@ -192,7 +193,7 @@ def test_unsupported_fields_are_refused_by_name(server, endpoint, fields, param)
     r = httpx.post(base + url, json={**body, **fields}, timeout=30)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert param in err["message"] and param in (err["param"] or "")
+    assert param in err["message"] and param.strip("'") in (err["param"] or "")
 
 
 def test_fields_that_change_nothing_are_accepted(client):

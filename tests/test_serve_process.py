@@ -130,25 +130,52 @@ def test_queue_full_and_cancel_cross_the_process(tokenizer, tmp_path):
         assert isinstance(after[-1], Finished) and after[-1].completion_tokens == 3
 
 
-def test_a_killed_decode_process_fails_requests_and_refuses_new_ones(tokenizer):
+def test_a_killed_decode_process_fails_its_requests_and_is_started_again(tokenizer, monkeypatch):
+    """SIGKILL the decode process mid-stream: the stream ends with an error naming it, /health is a 503
+    and new requests 503 until a new child decodes, then everything answers again; after RESTARTS deaths
+    in the window it stays down."""
+    from yuyan.generate import remote
+
+    monkeypatch.setattr(remote, "RESTARTS", 1)
     with serve(tokenizer) as (base, lm, app):
         sched = app.state.scheduler
         body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 100_000, "stream": True}
         body["sliding_window"] = True  # generate until killed
-        lines = []
+        lines, first = [], sched.pid
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 lines.append(line)
                 if len(lines) == 5:
-                    os.kill(sched.pid, signal.SIGKILL)
-        assert lines[-1] != "data: [DONE]" or any('"error"' in x for x in lines), lines[-3:]
-        assert any('"error"' in x and "decode process" in x for x in lines), lines[-3:]
+                    os.kill(first, signal.SIGKILL)
+        assert any('"error"' in x and "decode process stopped" in x for x in lines), lines[-3:]
         health = httpx.get(base + "/health", timeout=10)
-        assert health.status_code == 200 and health.json()["status"] == "stopped"
+        if health.status_code == 503:  # it may be up again already
+            assert health.json()["status"] == "stopped"
+            r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=10)
+            assert r.status_code in (200, 503), r.text
+        _wait_running(base)
+        assert sched.pid != first
+        r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        r = httpx.post(base + "/v1/embeddings", json={"model": "tiny", "input": "x"}, timeout=30)
+        assert r.status_code == 200
+        os.kill(sched.pid, signal.SIGKILL)  # the second death within the window: it stays down
+        t0 = time.monotonic()
+        while httpx.get(base + "/health", timeout=10).status_code == 200:
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.05)
+        time.sleep(1)
+        health = httpx.get(base + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "stopped"
         r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=10)
         assert r.status_code == 503 and "decode process stopped" in r.json()["error"]["message"]
-        r = httpx.post(base + "/v1/embeddings", json={"model": "tiny", "input": "x"}, timeout=10)
-        assert r.status_code == 503
+
+
+def _wait_running(base: str) -> None:
+    t0 = time.monotonic()
+    while httpx.get(base + "/health", timeout=10).status_code != 200:
+        assert time.monotonic() - t0 < 120, "the decode process was not started again"
+        time.sleep(0.1)
 
 
 def _children(pid: int) -> set[int]:

@@ -18,7 +18,8 @@ hands each event to the `emit` callback it was submitted with, as the scheduler 
 
 Failure: when the child dies (killed, out of memory), every waiting request gets `Failed`, pending calls
 raise `SchedulerClosed`, new submissions are refused with `SchedulerClosed` and `stats()["running"]` turns
-false. When the parent dies, the child reads the end of its command pipe and exits.
+false until a new child, started at once, decodes (at most RESTARTS times in RESTART_WINDOW_S; then it
+stays down). When the parent dies, the child reads the end of its command pipe and exits.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ log = logging.getLogger("yuyan.scheduler")
 STATS_S = 0.05  # the child sends a stats snapshot at most this often, when it changed
 START_TIMEOUT_S = 300.0  # the child must be decoding within this (it imports torch and maps the weights)
 ACK_TIMEOUT_S = 60.0
+# a child that dies unasked (the OOM killer's choice, a crash) is started again, at most RESTARTS times
+# within RESTART_WINDOW_S; then it stays down and every request is a 503 until the server is restarted
+RESTARTS = 3
+RESTART_WINDOW_S = 300.0
+NOT_RUNNING = "the decode process is not running"
 
 
 def _pack(e: BaseException) -> tuple:
@@ -144,7 +150,9 @@ class DecodeProcess:
         self._ready = threading.Event()
         self._closed = True
         self._stopping = False
-        self._why_closed = "the decode process is not running"
+        self._why_closed = NOT_RUNNING
+        self._restarts: list[float] = []  # when the child was restarted (monotonic)
+        self._restarter: threading.Thread | None = None
         self._proc = None
         self._cmd = None
         self._reader: threading.Thread | None = None
@@ -152,8 +160,15 @@ class DecodeProcess:
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> DecodeProcess:
         """Start the child and wait until it decodes (a UserError with its reason if it cannot)."""
+        if self._proc is None:
+            self._stopping = False
+        return self._launch()
+
+    def _launch(self) -> DecodeProcess:
         if self._proc is not None:
             return self
+        self._ready.clear()
+        self._why_closed = NOT_RUNNING
         import torch.multiprocessing as tmp  # its reducers send tensors through shared memory
 
         ctx = tmp.get_context("spawn")
@@ -176,7 +191,7 @@ class DecodeProcess:
         cmd_r.close()
         ev_w.close()
         self._cmd, self._ev = cmd_w, ev_r
-        self._closed, self._stopping = False, False
+        self._closed = False
         self._reader = threading.Thread(target=self._read, name="yuyan-decode-reader", daemon=True)
         self._reader.start()
         t0 = time.monotonic()
@@ -189,15 +204,22 @@ class DecodeProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child: waiting requests get `Failed` (shutdown); kill it if it does not exit in time."""
+        self._stopping = True
+        restarter = self._restarter
+        if restarter is not None and restarter is not threading.current_thread():
+            restarter.join(START_TIMEOUT_S)
         if self._proc is None:
             return
-        self._stopping = True
         self._send(("stop",), quiet=True)
+        self._end(timeout)
+
+    def _end(self, timeout: float) -> None:
+        """Wait for the child (kill it after `timeout`) and its reader, fail what waits, close the pipes."""
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
-        if self._reader is not None:
+        if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout)
         self._gone()
         for conn in (self._cmd, self._ev):
@@ -329,14 +351,17 @@ class DecodeProcess:
             self._why_closed = msg[1]
 
     def _gone(self) -> None:
-        """The child has ended: fail what waits on it, refuse what comes."""
+        """The child has ended: fail what waits on it, refuse what comes; restart it when it died unasked."""
         with self._lock:
-            if not self._closed:
+            first = not self._closed
+            if first and not self._stopping:
+                if self._proc is not None:
+                    self._proc.join(2)  # the pipe ends a moment before the exit code is known
                 code = None if self._proc is None else self._proc.exitcode
-                if not self._stopping and self._why_closed == "the decode process is not running":
+                if self._why_closed == NOT_RUNNING:
                     self._why_closed = f"the decode process stopped (exit code {code})"
-                elif self._stopping:
-                    self._why_closed = SHUTDOWN
+            elif self._stopping:
+                self._why_closed = SHUTDOWN
             self._closed = True
             handles, self._handles = list(self._handles.values()), {}
             pending, self._pending = list(self._pending.values()), {}
@@ -346,8 +371,35 @@ class DecodeProcess:
         for fut in pending:
             if not fut.done():
                 fut.set_exception(SchedulerClosed(self._why_closed))
-        if not self._stopping:
-            log.error("%s; requests fail until the server is restarted", self._why_closed)
+        if not first or self._stopping or not self._ready.is_set():
+            return  # asked to stop, already handled, or it never started (start() reports that)
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
+        if len(self._restarts) >= RESTARTS:
+            log.error(
+                "%s, the %s time in %.0f s: not restarted; requests fail (503) until the server is restarted",
+                self._why_closed,
+                RESTARTS + 1,
+                RESTART_WINDOW_S,
+            )
+            return
+        self._restarts.append(now)
+        log.error("%s; starting it again (%d of %d)", self._why_closed, len(self._restarts), RESTARTS)
+        self._why_closed += "; it is being started again, retry shortly"
+        self._restarter = threading.Thread(target=self._restart, name="yuyan-decode-restart", daemon=True)
+        self._restarter.start()
+
+    def _restart(self) -> None:
+        why = self._why_closed
+        self._end(timeout=5)
+        if self._stopping:
+            return
+        try:
+            self._launch()
+            log.warning("the decode process is running again (pid %s)", self.pid)
+        except UserError as e:
+            self._why_closed = f"{why.split(';')[0]}; starting it again failed: {e}"
+            log.error("%s", self._why_closed)
 
 
 # ---------------------------------------------------------------------------------------- the child

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -247,11 +247,21 @@ def _without_422(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-@router.get("/health", responses={200: {"model": Health}, **_errors(421)})
+@router.get(
+    "/health",
+    responses={
+        200: {"model": Health},
+        503: {"model": Health, "description": "not decoding (the decode process is down or restarting)"},
+        **_errors(421),
+    },
+)
 async def health(request: Request):
+    """200 while the server decodes; 503 with the same body (status "stopped") while it cannot, so that a
+    load balancer or an orchestrator's probe sees it."""
     s = _server(request)
     stats = s.sched.stats()
-    return {"status": "ok" if stats["running"] else "stopped", "model": s.config.model_name, **stats}
+    body = {"status": "ok" if stats["running"] else "stopped", "model": s.config.model_name, **stats}
+    return JSONResponse(body, status_code=200 if stats["running"] else 503)
 
 
 @router.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401, 421)})

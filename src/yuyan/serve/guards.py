@@ -280,8 +280,10 @@ async def _validation(request: Request, e: RequestValidationError) -> JSONRespon
     param = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x)) or None
     msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":  # never dropped: it might have changed the answer
-        msg = f"{param}: this server does not support the field {param.split('.')[-1]!r}; remove it"
-        return ApiError(400, msg[:500], param, "unsupported_field").response()
+        name = str((first.get("loc") or ("",))[-1])  # may be "": a field named by the empty string
+        where = param if param is not None else name
+        msg = f"{where or repr(name)}: this server does not support the field {name!r}; remove it"
+        return ApiError(400, msg[:500], where, "unsupported_field").response()
     return ApiError(400, msg[:500], param, first.get("type")).response()
 
 
