@@ -277,6 +277,47 @@ def test_tied_lookup_gradient_is_autograds_bitwise(precision, monkeypatch):
             assert torch.equal(g, tied[n]), n
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_kept_loss_buffers_change_no_result_and_are_reused(precision, tied, monkeypatch):
+    """The fused loss's large CPU buffers kept across steps (loss.kept): losses, gradients and weights over
+    three AdamW steps are bitwise those of fresh buffers, in fp32 and under bf16 autocast, tied or not,
+    with logits in blocks; the lm_head gradient is the same memory from step to step once .grad was set to
+    None, and neither a gradient still being accumulated into nor one a caller kept is written over."""
+    from yuyan.model import loss as L
+
+    monkeypatch.setattr(L, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(L, "BLOCK_BYTES", 40 * 4 * 97)  # blocks of 40 of the 96 rows
+
+    def run(keep: bool):
+        monkeypatch.setattr(L, "KEEP_BUFFERS", keep)
+        torch.manual_seed(0)
+        model = Transformer(tiny_config("gpt2", vocab_size=97, logit_softcap=3.0, tie_embeddings=tied))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        g = torch.Generator().manual_seed(1)
+        out, ptrs, held = [], [], None
+        for step in range(3):
+            for _ in range(2 if step == 0 else 1):  # step 0 accumulates into a live .grad
+                x = torch.randint(0, 13, (3, 32), generator=g)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = model(x, targets=torch.roll(x, -1, 1))
+                loss.backward()
+                out.append(loss.detach())
+            ptrs.append(model.lm_head.weight.grad.data_ptr())
+            out += [p.grad.clone() for p in model.parameters()]
+            if step == 1:  # a caller keeps this step's gradient: the next step may not reuse its memory
+                held = model.lm_head.weight.grad
+                held_copy = held.clone()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert held is not None and torch.equal(held, held_copy)
+        return out + [p.detach() for p in model.parameters()], ptrs
+
+    (fresh, _), (mine, ptrs) = run(False), run(True)
+    assert len(fresh) == len(mine) and all(torch.equal(a, b) for a, b in zip(fresh, mine, strict=True))
+    assert ptrs[0] == ptrs[1] != ptrs[2]  # reused after set_to_none, not while the caller holds step 1's
+
+
 def test_tied_lookup_without_the_loss_gradient_is_torchs_embedding_gradient():
     """When nothing handed over a loss gradient, the lookup's backward is torch's embedding backward."""
     from yuyan.model import loss as L

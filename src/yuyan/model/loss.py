@@ -17,18 +17,78 @@ and add the two (GPT-2's 154 MB each, a tenth of a bf16 124M step on CPU). `tied
 lookup an autograd Function whose backward adds its few rows into the loss's gradient, which the loss leaves
 in a `TiedGrad`, and returns that as the weight's one gradient: the same sums in the same order, so the
 result is bitwise autograd's.
+
+On CPU the loss's largest tensors (the weight's bf16 copy, a block of logits, the (V, d) gradient) are kept
+with the weight from step to step (`kept`) instead of allocated fresh: fresh pages fault in from the kernel
+on first touch, which cost the 124M bf16 step ~8% (BENCHMARKS.md, "Training precision chosen by measurement").
 """
 
 from __future__ import annotations
+
+import math
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 IGNORE_INDEX = -100
 BLOCK_BYTES = 256 * 2**20  # largest float32 logits block; a block's rows share one grad_weight update
 CHUNK_ROWS = 2048  # vocab rows per bf16 grad_weight product cast into float32 (3 MB at d 768: in cache)
+
+
+KEEP_BUFFERS = True  # CPU: keep the loss's large buffers with the weight across steps (see `kept`)
+_kept = WeakIdKeyDictionary()  # weight -> {name: buffer}
+_kept_lock = threading.Lock()
+
+
+def kept(weight: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised `shape` buffer of `dtype`, on CPU the one kept under `name` with `weight` since the
+    last step wherever nothing else still holds it.
+
+    The fused loss's largest tensors (the weight's dt copy, a block of logits, the (V, d) gradient of a
+    GPT-2 head: 77-154 MB each) are fresh allocations otherwise, and on CPU each step's first writes into
+    fresh pages fault them in from the kernel, zeroed. The buffer is handed out as a view of its own, so
+    autograd takes the gradient as the weight's .grad without a copy; its storage stays referenced here, so
+    the next step reuses it once .grad is gone (zero_grad(set_to_none=True)). Anything still holding it (a
+    .grad being accumulated into, a caller that kept the tensor) shows in the storage's use count (2: the
+    kept tensor and the count's own storage object), and then this call gets a fresh tensor.
+    Freed with the weight. CUDA's caching allocator already reuses memory; torch.compile traces plain code."""
+    if not KEEP_BUFFERS or weight.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=dtype, device=weight.device)
+    numel = math.prod(shape)
+    with _kept_lock:
+        bufs = _kept.setdefault(weight, {})
+        buf = bufs.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = bufs[name] = torch.empty(numel, dtype=dtype)
+        elif torch._C._storage_Use_Count(buf.untyped_storage()._cdata) != 2:  # in use: a fresh one this time
+            return torch.empty(shape, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+def _weight_grad(grad_w: torch.Tensor | None, g: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor):
+    """`grad_w` (None before the first block) plus this block's g.T @ hc (V, d), summed in float32. Where the
+    weight is float32 the sum lives in its kept buffer; a bf16 product goes into it by vocab chunks, each
+    chunk cast while in cache instead of through a (V, d) bf16 intermediate."""
+    if weight.dtype != torch.float32:
+        gw = (g.t() @ hc).float()
+        return gw if grad_w is None else grad_w.add_(gw)
+    first = grad_w is None
+    if g.dtype == torch.float32:
+        if first:
+            return torch.mm(g.t(), hc, out=kept(weight, "grad", weight.shape, weight.dtype))
+        return grad_w.add_(g.t() @ hc)
+    grad_w = kept(weight, "grad", weight.shape, weight.dtype) if first else grad_w
+    for c in range(0, weight.shape[0], CHUNK_ROWS):
+        part, out = g[:, c : c + CHUNK_ROWS].t() @ hc, grad_w[c : c + CHUNK_ROWS]
+        if first:
+            out.copy_(part)
+        else:
+            out.add_(part)
+    return grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -47,12 +107,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         cast_w = weight.dtype == torch.float32 and dt != torch.float32  # bf16 matmuls, float32 gradient
+        low = dt != torch.float32  # logits computed in dt, then made float32
+        n_max = min(block_rows, h.shape[0])
         with torch.autocast(dev, enabled=False):
-            w = weight.to(dt)
+            w = kept(weight, "weight", weight.shape, dt).copy_(weight) if cast_w else weight.to(dt)
+            z_buf = kept(weight, "logits", (n_max, weight.shape[0]), torch.float32)
+            # the dt product, then (after the float32 softmax) the dt gradient: one buffer serves both
+            low_buf = kept(weight, "logits_dt", (n_max, weight.shape[0]), dt) if low else None
             for s in range(0, h.shape[0], block_rows):
                 rows = slice(s, s + block_rows)
                 hc, t, sc = h[rows].to(dt), safe_t[rows], scale[rows]
-                z = (hc @ w.t()).float()  # (rows, V) logits, overwritten in place from here on
+                n = hc.shape[0]
+                # (rows, V) float32 logits, overwritten in place from here on
+                if low:
+                    z = z_buf[:n].copy_(torch.mm(hc, w.t(), out=low_buf[:n]))
+                else:
+                    z = torch.mm(hc, w.t(), out=z_buf[:n])
                 if softcap is not None:
                     th = z.div_(softcap).tanh_()  # kept for the derivative
                     z = th * softcap
@@ -65,20 +135,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.mul_(sc[:, None] / sumexp).scatter_add_(1, t, -sc[:, None])  # (softmax - onehot) * scale
                 if softcap is not None:
                     z.mul_(th.square_().neg_().add_(1.0))  # d(cap * tanh(z / cap))/dz = 1 - tanh²
-                g = z.to(dt)
+                g = low_buf[:n].copy_(z) if low else z
                 if need_h:
                     grad_h[rows] = g @ w
-                if need_w and cast_w:  # each vocab chunk's product goes into the float32 sum while in cache
-                    grad_w = torch.empty_like(weight) if grad_w is None else grad_w
-                    for c in range(0, w.shape[0], CHUNK_ROWS):
-                        part, out = g[:, c : c + CHUNK_ROWS].t() @ hc, grad_w[c : c + CHUNK_ROWS]
-                        if s == 0:
-                            out.copy_(part)
-                        else:
-                            out.add_(part)
-                elif need_w:
-                    gw = (g.t() @ hc).float()  # float32 sum over blocks
-                    grad_w = gw if grad_w is None else grad_w.add_(gw)
+                if need_w:
+                    grad_w = _weight_grad(grad_w, g, hc, weight)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         ctx.grads, ctx.tie = (grad_h, grad_w), tie
