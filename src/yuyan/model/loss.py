@@ -42,6 +42,8 @@ CHUNK_ROWS = 2048  # vocab rows per bf16 grad_weight product cast into float32 (
 KEEP_BUFFERS = True  # CPU: keep the loss's large buffers with the weight across steps (see `kept`)
 _kept = WeakIdKeyDictionary()  # weight -> {name: buffer}
 _kept_lock = threading.Lock()
+# torch's count of a storage's owners (a private binding): without it no buffer is kept
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def kept(weight: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -56,7 +58,7 @@ def kept(weight: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.d
     .grad being accumulated into, a caller that kept the tensor) shows in the storage's use count (2: the
     kept tensor and the count's own storage object), and then this call gets a fresh tensor.
     Freed with the weight. CUDA's caching allocator already reuses memory; torch.compile traces plain code."""
-    if not KEEP_BUFFERS or weight.device.type != "cpu" or torch.compiler.is_compiling():
+    if not KEEP_BUFFERS or _use_count is None or weight.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype, device=weight.device)
     numel = math.prod(shape)
     with _kept_lock:
@@ -64,7 +66,7 @@ def kept(weight: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.d
         buf = bufs.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
             buf = bufs[name] = torch.empty(numel, dtype=dtype)
-        elif torch._C._storage_Use_Count(buf.untyped_storage()._cdata) != 2:  # in use: a fresh one this time
+        elif _use_count(buf.untyped_storage()._cdata) != 2:  # in use: a fresh one this time
             return torch.empty(shape, dtype=dtype)
         return buf[:numel].view(shape)
 
