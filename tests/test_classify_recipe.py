@@ -322,10 +322,13 @@ def test_pretrain_corpus_adds_unlabelled_text_to_the_pretraining(tmp_path):
     cfg = default_train_config("classify")
     cfg.train.max_steps, cfg.train.device, cfg.eval.every, cfg.checkpoint.every_minutes = 4, "cpu", 0, 0.0
     cfg.eval.patience = 0
+    cfg.train.clock, cfg.train.seed = "cpu", 7  # the pre-training takes both from the fine-tuning's settings
     opts = FinetuneOptions(
         task="classify", data=str(data), pretrain_minutes=0.02, pretrain_corpus=str(tmp_path / "extra.jsonl")
     )
     pre = finetune(None, tmp_path / "run", opts, cfg, quiet=True)["pretrain"]
+    pre_cfg = (tmp_path / "run" / "pretrain" / "train_config.toml").read_text()
+    assert 'clock = "cpu"' in pre_cfg and "seed = 7" in pre_cfg
     corpus = [json.loads(r)["text"] for r in Path(pre["corpus"]).read_text(encoding="utf-8").splitlines()]
     n = pre["texts"]
     assert 150 < n < 200 and pre["extra_documents"] == 40 and len(corpus) == n + 40

@@ -35,6 +35,7 @@ TABLE = [
     ("train", "--config {missing}.toml", "missing"),
     ("train", "--checkpoint.dir {new} --train.lr abc", "train.lr"),
     ("train", "--checkpoint.dir {new} --nosuch.key 1", "nosuch"),
+    ("train", "--checkpoint.dir {new} --train.clock sundial", "train.clock"),
     ("train", "--checkpoint.dir {foreign} --data.corpus {corpus}", "not empty"),
     ("demo", "--out {foreign}", "not empty"),
     ("demo", "--out {new} --minutes 0", "minutes"),

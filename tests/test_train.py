@@ -271,6 +271,32 @@ def test_max_time_fits_the_schedule_to_the_budget(tmp_path):
     assert again["step"] == res["step"]
 
 
+def test_cpu_clock_counts_the_budget_and_stops_training(tmp_path, monkeypatch):
+    """train.clock cpu: max_time counts CLOCKS["cpu"] (time.process_time, the process's CPU seconds over all
+    threads). Here that clock is a fake that moves 0.05 s per reading and the wall clock may not be read for
+    the budget at all, so the stop depends on the CPU clock alone (no wall-clock assertion)."""
+    from yuyan.train import loop
+
+    assert loop.CLOCKS["cpu"] is time.process_time
+    readings = iter(range(10**6))
+    monkeypatch.setitem(loop.CLOCKS, "cpu", lambda: 0.05 * next(readings))
+
+    def no_wall():
+        raise AssertionError("the wall clock was read for a train.clock cpu budget")
+
+    monkeypatch.setitem(loop.CLOCKS, "wall", no_wall)
+    budget = 3.0  # fake CPU seconds: a few dozen steps at a few readings per step
+    res = W.run(
+        str(tmp_path / "run"),
+        {"train.clock": "cpu", "train.max_steps": "0", "train.max_time": str(budget), "eval.every": "0"},
+    )
+    assert not res["interrupted"] and res["final_dir"] is not None
+    assert 5 < res["step"] < budget / 0.05, res["step"]  # stopped by the budget, not by a step limit
+    assert budget - 0.5 <= res["elapsed"] <= budget + 0.5, res["elapsed"]  # the summary counts that clock
+    with pytest.raises(UserError, match="train.clock must be wall or cpu"):
+        W.run(str(tmp_path / "bad"), {"train.clock": "sundial"})
+
+
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory) -> Path:
     """One ~100 KB Python file: a single-file corpus is cut into sections, so it always has a val split."""

@@ -8,7 +8,8 @@ options (--pooling, --dropout, --class-weights, --bucket, --val-examples: the [c
 --best-metric, --patience: [eval]) are direct options too, and --pretrain-minutes pre-trains a model and
 tokenizer on the classification data's own texts before fine-tuning (no --model then). --help lists
 every setting with its fine-tuning default. A time budget given alone (--max-time, or train.max_time
-without train.max_steps) is the run's only limit: the default step count does not cap it.
+without train.max_steps) is the run's only limit: the default step count does not cap it; --train.clock cpu
+makes it (and --pretrain-minutes) CPU time, which load from other processes does not shrink.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def finetune_cmd(
         0.0,
         "--pretrain-minutes",
         help="classify: first train a tokenizer and pre-train the demo model on the training texts for "
-        "this many minutes (in OUT/pretrain), then fine-tune it; no --model (default: 0, off)",
+        "this many minutes (of --train.clock: wall, or CPU with cpu) (in OUT/pretrain), then fine-tune it; "
+        "no --model (default: 0, off)",
     ),
     pretrain_corpus: str | None = typer.Option(
         None,
@@ -187,7 +189,8 @@ def finetune_cmd(
     max_time: float | None = typer.Option(
         None,
         "--max-time",
-        help="seconds of training (train.max_time); alone, it is the only limit (default: none)",
+        help="seconds of training (train.max_time), counted on --train.clock: wall | cpu (this process's "
+        f"CPU time, all threads) (default: none; clock {DEFAULTS.train.clock}); alone, it is the only limit",
     ),
     lr: float | None = typer.Option(
         None, "--lr", help=f"peak learning rate (train.lr) (default: {DEFAULTS.train.lr})"

@@ -23,6 +23,7 @@ from yuyan.model.transformer import ModelConfig
 from yuyan.train import distributed as D
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CLOCKS = ("wall", "cpu")  # what train.max_time counts (yuyan.train.loop.CLOCKS holds the functions)
 # the val metrics eval.best_metric may name: lower is better for the first group, higher for the second
 LOWER_IS_BETTER = ("loss", "ppl", "bpb")
 HIGHER_IS_BETTER = ("accuracy", "macro_f1")
@@ -70,6 +71,9 @@ class TrainSection:
     grad_clip: float = 1.0  # 0: off
     max_steps: int = 1000  # with max_time: an upper bound (0: none)
     max_time: float = 0.0  # seconds of training; >0 fits the schedule's length to this budget
+    # what max_time counts: wall (time.perf_counter) | cpu (this process's CPU seconds over all threads,
+    # time.process_time: a budget that load on a shared machine does not shrink)
+    clock: str = "wall"
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: bf16 autocast on CUDA; on CPU when a timed bf16 matmul beats fp32 by a margin (yuyan.precision)
@@ -163,6 +167,7 @@ class TrainConfig:
                 "matrices, FSDP2 gives each rank a shard of them): use distributed = ddp or train.optimizer adamw",
             ),
             (t.max_steps > 0 or t.max_time > 0, "set train.max_steps or train.max_time (> 0)"),
+            (t.clock in CLOCKS, f"train.clock must be {' or '.join(CLOCKS)}, got {t.clock!r}"),
             (t.progress_seconds >= 0, "train.progress_seconds must be >= 0"),
             (len(t.betas) == 2, "train.betas takes two numbers, e.g. 0.9,0.95"),
             (t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0"),

@@ -154,9 +154,13 @@ def make_exporter(opts: FinetuneOptions):
     return export
 
 
-def pretrain_on_task_text(opts: FinetuneOptions, out: str | os.PathLike, resume: bool = False) -> dict:
+def pretrain_on_task_text(
+    opts: FinetuneOptions, out: str | os.PathLike, resume: bool = False, tc: TrainSection | None = None
+) -> dict:
     """Pre-train the demo model and its tokenizer on the texts of the classification data for
-    `opts.pretrain_minutes` (yuyan.train.pretrain with `demo_config`), in OUT/pretrain.
+    `opts.pretrain_minutes` (yuyan.train.pretrain with `demo_config`), in OUT/pretrain. From the fine-tuning's
+    train section `tc` it takes the clock (train.clock: the minutes are wall or CPU minutes, as the
+    fine-tuning's max_time) and the seed (train.seed), so one seed and one kind of budget rule the whole run.
 
     The corpus (OUT/pretrain/corpus.jsonl) is the training rows' texts, plus the documents of
     `opts.pretrain_corpus` when given (unlabelled text of the same kind: more of it is what a small task's
@@ -200,6 +204,8 @@ def pretrain_on_task_text(opts: FinetuneOptions, out: str | os.PathLike, resume:
     atomic_write_text(pdir / "corpus.jsonl", "".join(lines))
     cfg = demo_config(minutes=opts.pretrain_minutes, out=str(pdir), corpus=info["corpus"])
     cfg.checkpoint.save_best, cfg.eval.every, cfg.eval.patience = True, PRETRAIN_EVAL_EVERY, PRETRAIN_PATIENCE
+    if tc is not None:
+        cfg.train.clock, cfg.train.seed = tc.clock, tc.seed
     res = train(cfg, resume=resume)
     if res["final_dir"] is None:
         raise UserError(f"pre-training was interrupted; continue with --resume (saved in {pdir})")
@@ -213,7 +219,9 @@ def pretrain_on_task_text(opts: FinetuneOptions, out: str | os.PathLike, resume:
     }
 
 
-def _base_model(model, opts: FinetuneOptions, out: Path, resume: bool, console) -> tuple[str, dict | None]:
+def _base_model(
+    model, opts: FinetuneOptions, out: Path, resume: bool, console, tc: TrainSection
+) -> tuple[str, dict | None]:
     """The spec to fine-tune: `model`, or (opts.pretrain_minutes) the model pre-trained on the task's text,
     with pretrain_on_task_text's summary."""
     if not opts.pretrain_minutes:
@@ -227,8 +235,9 @@ def _base_model(model, opts: FinetuneOptions, out: Path, resume: bool, console) 
             "--pretrain-minutes pre-trains a new model and tokenizer on the task's text; drop --model "
             "(or drop --pretrain-minutes to fine-tune --model)"
         )
-    console.print(f"pre-training on the task's text for {opts.pretrain_minutes:g} minutes in {out}/pretrain")
-    pretrained = pretrain_on_task_text(opts, out, resume=resume)
+    unit = "CPU minutes" if tc.clock == "cpu" else "minutes"
+    console.print(f"pre-training on the task's text for {opts.pretrain_minutes:g} {unit} in {out}/pretrain")
+    pretrained = pretrain_on_task_text(opts, out, resume=resume, tc=tc)
     return pretrained["model_dir"], pretrained
 
 
@@ -259,7 +268,7 @@ def finetune(
     cs = classify_settings(cfg, opts.task)
     out = Path(out)
     console = Console(stderr=True, quiet=quiet)
-    model, pretrained = _base_model(model, opts, out, resume, console)
+    model, pretrained = _base_model(model, opts, out, resume, console, cfg.train)
     lm = load(model)
     task = build_task(lm, opts, out, cfg)
     report = getattr(task, "report", None)

@@ -4,7 +4,7 @@ What is trained is described by a *task* (`Task` below): it draws batches, compu
 evaluates. The tasks live in yuyan.data.tasks: `LMTask` is next-token prediction over token shards
 (pre-training); the fine-tuning tasks (SFT, classification) implement the same methods. `fit()` owns
 everything else: the optimizer over the trainable parameters (AdamW, or Muon + AdamW), warm-up +
-cosine/WSD schedule (optionally fitted to a wall-clock budget), gradient accumulation and clipping, bf16
+cosine/WSD schedule (optionally fitted to a time budget: wall-clock or CPU seconds, train.clock), gradient accumulation and clipping, bf16
 autocast where a timed matmul says it pays (train.precision), periodic evaluation, metrics.jsonl, a
 loss-curve PNG, atomic checkpoints (keep-last-K + best), exact resume, SIGINT = save and
 stop; with cfg.privacy.epsilon set, DP-SGD steps instead (yuyan.train.privacy: Poisson batches, per-example
@@ -211,6 +211,11 @@ def _val_line(val: dict) -> str:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+# train.clock -> the clock that train.max_time and the run's "elapsed" count: wall seconds, or this process's
+# CPU seconds over all its threads (load from other processes on the machine does not eat into it)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 @dataclass
 class _TrainState:
     """The run's counters: written into every step checkpoint and restored on resume."""
@@ -218,13 +223,14 @@ class _TrainState:
     step: int = 0
     tokens: int = 0
     total_steps: int = 0  # the schedule's length; refitted to train.max_time when there is one
-    elapsed_before: float = 0.0  # training seconds of the runs this one resumes
+    elapsed_before: float = 0.0  # training seconds (of train.clock) of the runs this one resumes
     best_metric: str = "loss"  # eval.best_metric: what best_val holds
     best_val: float = math.inf  # the best periodic value of best_metric so far (-inf / inf: none yet)
     best_step: int = -1
     stale_evals: int = 0  # periodic evaluations since best_val last improved (for eval.patience)
     early_stopped: bool = False
-    started: float = 0.0  # time.perf_counter() when this process started training
+    started: float = 0.0  # the clock's reading when this process started training
+    clock: str = "wall"  # train.clock: the key of CLOCKS that elapsed() reads
     tokens_per_step: int = 0  # measured on this process's first step (tasks decide their sequence length)
     saved_step: int = -1  # the step of the newest step checkpoint (-1: none yet)
 
@@ -232,7 +238,8 @@ class _TrainState:
     def start(cls, tc: TrainSection, tstate: dict | None, best_metric: str = "loss") -> _TrainState:
         """Fresh counters, or a resumed run's (from its trainer state); the clock starts now. A resumed run
         that chose another best_metric starts its best (and its patience) afresh."""
-        state = cls(total_steps=tc.max_steps if tc.max_steps > 0 else 10**9, started=time.perf_counter())
+        total = tc.max_steps if tc.max_steps > 0 else 10**9
+        state = cls(total_steps=total, started=CLOCKS[tc.clock](), clock=tc.clock)
         state.best_metric, state.best_val = (
             best_metric,
             -math.inf if best_metric in HIGHER_IS_BETTER else math.inf,
@@ -258,8 +265,8 @@ class _TrainState:
         self.tokens += self.tokens_per_step
 
     def elapsed(self) -> float:
-        """Training seconds so far, the resumed runs' included."""
-        return self.elapsed_before + time.perf_counter() - self.started
+        """Training seconds so far on train.clock, the resumed runs' included."""
+        return self.elapsed_before + CLOCKS[self.clock]() - self.started
 
     def out_of_patience(self, patience: int, console: Console) -> bool:
         """After an evaluation: with patience P > 0, P evaluations in a row without a better best_metric end
@@ -465,7 +472,8 @@ class _RunningLoss:
 
 
 class _TimeBudget:
-    """Fits the schedule's length (total_steps) to train.max_time from the measured step rate.
+    """Fits the schedule's length (total_steps) to train.max_time from the measured step rate (seconds of
+    train.clock: wall, or the process's CPU time).
 
     total_steps = steps done + time left / recent seconds per step (evaluations and saves included). The
     rate comes from the last quarter of the run so far (at least 2 s), so it follows a machine whose speed
@@ -475,6 +483,7 @@ class _TimeBudget:
 
     def __init__(self, tc: TrainSection, start_step: int, info: D.DistInfo, console: Console | None = None):
         self.seconds, self.max_steps, self.info = tc.max_time, tc.max_steps, info
+        self.unit = "CPU s" if tc.clock == "cpu" else "s"
         if console is not None:
             self.announce(console)
         self.start_step = start_step
@@ -484,12 +493,15 @@ class _TimeBudget:
         self.last_step_t = 0.0  # elapsed() at the end of the previous step, for the clock stop
 
     def announce(self, console: Console) -> None:
-        """No hidden cap: with both a time budget and a step limit, say that either may end the run."""
+        """No hidden cap: with both a time budget and a step limit, say that either may end the run; and
+        say when the budget is CPU time (train.clock cpu)."""
         if self.seconds > 0 and self.max_steps > 0:
             console.print(
-                f"budget: {self.seconds:g} s of training or {self.max_steps} steps (train.max_steps), "
+                f"budget: {self.seconds:g} {self.unit} of training or {self.max_steps} steps (train.max_steps), "
                 "whichever comes first; set train.max_steps 0 for the time budget alone"
             )
+        elif self.seconds > 0 and self.unit != "s":
+            console.print(f"budget: {self.seconds:g} {self.unit} of training (train.clock cpu)")
 
     def before_step(self, state: _TrainState) -> bool:
         """Refit state.total_steps when due (True when that fitted a length) and start the step clock once
