@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle
 import queue
 import signal
 import sys
@@ -65,11 +66,10 @@ NOT_RUNNING = "the decode process is not running"
 def _pack(e: BaseException) -> tuple:
     """An exception as (class, args, attributes), rebuilt by `_unpack` without calling its __init__ (our
     errors take several arguments, which pickling an exception does not keep)."""
+    packed = (type(e), e.args, dict(e.__dict__))
     try:
-        import pickle
-
-        pickle.dumps((type(e), e.args, e.__dict__))
-        return (type(e), e.args, dict(e.__dict__))
+        pickle.dumps(packed)  # what the pipe will do; an exception it cannot carry becomes a RuntimeError
+        return packed
     except Exception:
         return (RuntimeError, (f"{type(e).__name__}: {e}",), {})
 
@@ -418,6 +418,7 @@ class _Out:
 
     def _run(self) -> None:
         last: dict | None = None
+        checked = 0.0  # when stats() was last read: at most every STATS_S, not once per decode step
         while True:
             try:
                 batch = [self.q.get(timeout=STATS_S)]
@@ -430,10 +431,13 @@ class _Out:
                     break
             done = any(m is None for m in batch)
             batch = [m for m in batch if m is not None]
-            stats = self.sched.stats()
-            if stats != last:
-                batch.append(("stats", stats))
-                last = stats
+            now = time.monotonic()
+            # a submission changes the queue: its ack goes with fresh stats (once per request, not per token)
+            if done or now - checked >= STATS_S or any(m[0] == "ack" for m in batch):
+                checked, stats = now, self.sched.stats()
+                if stats != last:
+                    batch.append(("stats", stats))
+                    last = stats
             if batch:
                 try:
                     self.conn.send(batch)
