@@ -432,11 +432,14 @@ class _Out:
             done = any(m is None for m in batch)
             batch = [m for m in batch if m is not None]
             now = time.monotonic()
-            # a submission changes the queue: its ack goes with fresh stats (once per request, not per token)
-            if done or now - checked >= STATS_S or any(m[0] == "ack" for m in batch):
+            # a submission or a finished request changes the counters: its ack or its last event goes
+            # with fresh stats (once per request, not per token), sent first so that whoever the event
+            # wakes already sees them (a /health read right after a response counts that request)
+            edge = any(m[0] == "ack" or (m[0] == "event" and isinstance(m[2], Finished | Failed)) for m in batch)
+            if done or edge or now - checked >= STATS_S:
                 checked, stats = now, self.sched.stats()
                 if stats != last:
-                    batch.append(("stats", stats))
+                    batch.insert(0, ("stats", stats))
                     last = stats
             if batch:
                 try:
