@@ -79,10 +79,10 @@ def ours_step(cfg, batches, variant: str):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return model, step
+    return model, step, mode
 
 
-def hf_step(cfg, batches, variant: str):
+def hf_step(cfg, batches, variant: str, bf16: bool):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def hf_step(cfg, batches, variant: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
     run = torch.compile(model) if variant == "compile" else model
     it = iter(batches * 1000)
-    mode = variant in ("bf16", "auto")  # transformers: plain bf16 autocast
+    mode = bf16  # transformers: plain bf16 autocast where ours runs bf16 (auto: what auto chose)
 
     def step():
         x, _ = next(it)
@@ -155,8 +155,9 @@ def main() -> None:
         tokens = batch * cfg.block_size
         for variant in args.variants.split(","):
             row = {"shape": name, "variant": variant, "batch": batch, "context": cfg.block_size}
-            ours, ours_run = ours_step(cfg, batches, variant)
-            hf, hf_run = hf_step(cfg, batches, variant)
+            ours, ours_run, mode = ours_step(cfg, batches, variant)
+            row["precision"] = mode
+            hf, hf_run = hf_step(cfg, batches, variant, bf16=mode == "bf16")
             fpt = flops_per_token(ours, cfg.block_size, training=True)
             row["params_m"] = round(num_params(ours) / 1e6, 2)
             row["flops_per_token_m"] = round(fpt / 1e6, 2)

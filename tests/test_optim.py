@@ -197,3 +197,65 @@ def test_resume_applies_this_runs_optimizer_settings_and_says_so(tmp_path, capsy
     assert "muon lr_scale" in capsys.readouterr().err
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("a", "b"))
     assert not torch.equal(a["layers.0.self_attn.q_proj.weight"], b["layers.0.self_attn.q_proj.weight"])
+
+
+def _muon_pair(ns_dtype):
+    """Two copies of one matrix with the same gradients: torch's Muon on one, ours on the other."""
+    from yuyan.train.optim import Muon
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(48, 16))
+    v = torch.nn.Parameter(w.detach().clone())
+    ref = torch.optim.Muon([w], lr=0.02, weight_decay=0.1)
+    ours = Muon([v], lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype)
+    return w, v, ref, ours
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_our_muon_is_torchs_update_with_the_iterations_in_its_dtype(ns_dtype):
+    """bf16: torch's own step, bitwise. fp32: the same update (momentum, Nesterov, the lr scale for a tall
+    matrix, weight decay) within bf16's rounding of the iteration, and exactly an explicit fp32 formula."""
+    from yuyan.train.optim import newton_schulz
+
+    w, v, ref, ours = _muon_pair(ns_dtype)
+    buf = torch.zeros_like(w)
+    expect = w.detach().clone()
+    for step in range(3):
+        g = torch.randn(48, 16, generator=torch.Generator().manual_seed(step))
+        w.grad, v.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+        buf.lerp_(g, 0.05)
+        upd = g.lerp(buf, 0.95)
+        x = upd.T / upd.T.norm()  # the wide orientation, spectral norm at most 1, then 5 quintic steps
+        for _ in range(5):
+            a = x @ x.T
+            x = 3.4445 * x + (-4.775 * a + 2.0315 * a @ a) @ x
+        expect = expect * (1 - 0.02 * 0.1) - 0.02 * (48 / 16) ** 0.5 * x.T
+        assert torch.equal(ours.state[v]["momentum_buffer"], ref.state[w]["momentum_buffer"])
+    if ns_dtype == torch.bfloat16:
+        assert torch.equal(v, w)
+    else:
+        torch.testing.assert_close(v.detach(), expect, rtol=1e-4, atol=1e-5)
+        assert (v - w).abs().max() < 0.02 * 3**0.5 * 3 * 0.05  # bf16's iterations round at ~1e-2 of an update
+        assert not torch.equal(v, w)
+        g = torch.randn(16, 48)
+        assert newton_schulz(g, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32).dtype == torch.float32
+
+
+def test_newton_schulz_precision_follows_the_measurement(monkeypatch):
+    """build_optimizer takes the format the timed Gram matmul picks (cached per machine), or the one given,
+    and says why; the loop prints it and a resumed run keeps it."""
+    import yuyan.model.precision as P
+    from yuyan.train.optim import describe_optimizer
+
+    model = Transformer(tiny_config("gpt2"))
+    for fp32, bf16, want in ((60.0, 1.0, torch.float32), (100.0, 1000.0, torch.bfloat16)):
+        monkeypatch.setattr(P, "measure", lambda m, k, n, *a, _f=(fp32, bf16), **kw: _f)
+        opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95), optimizer="muon")
+        assert opt.optimizers[1].ns_dtype == want
+        d = describe_optimizer(opt)
+        assert d["name"] == "muon + adamw" and "newton-schulz" in d["newton_schulz"]["reason"]
+    opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95), optimizer="muon", newton_schulz="fp32")
+    assert opt.optimizers[1].ns_dtype == torch.float32 and opt.newton_schulz.reason == "requested"
+    assert describe_optimizer(build_optimizer(model, 3e-3, 0.1, (0.9, 0.95))) == {"name": "adamw"}

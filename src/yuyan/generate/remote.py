@@ -435,7 +435,9 @@ class _Out:
             # a submission or a finished request changes the counters: its ack or its last event goes
             # with fresh stats (once per request, not per token), sent first so that whoever the event
             # wakes already sees them (a /health read right after a response counts that request)
-            edge = any(m[0] == "ack" or (m[0] == "event" and isinstance(m[2], Finished | Failed)) for m in batch)
+            edge = any(
+                m[0] == "ack" or (m[0] == "event" and isinstance(m[2], Finished | Failed)) for m in batch
+            )
             if done or edge or now - checked >= STATS_S:
                 checked, stats = now, self.sched.stats()
                 if stats != last:

@@ -135,7 +135,11 @@ def run_demo(
     table.add_row("parameters", f"{num_params(model) / 1e6:.2f}M")
     precision = result["precision"]
     table.add_row("precision", f"{precision['precision']} ({precision['reason']})")
-    table.add_row("optimizer", cfg.train.optimizer + (" + adamw" if cfg.train.optimizer == "muon" else ""))
+    opt = result.get("optimizer") or {"name": cfg.train.optimizer}
+    ns = opt.get("newton_schulz")
+    table.add_row(
+        "optimizer", opt["name"] + (f" (Newton-Schulz in {ns['precision']}: {ns['reason']})" if ns else "")
+    )
     table.add_row(
         "training", f"{result['step']} steps, {result['tokens']:,} tokens, {result['elapsed']:.0f} s"
     )
@@ -155,4 +159,5 @@ def run_demo(
         "params": num_params(model),
         "precision": precision,
         "optimizer": cfg.train.optimizer,
+        "optimizer_choice": opt,
     }

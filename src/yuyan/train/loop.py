@@ -76,7 +76,7 @@ from yuyan.model.precision import choose as choose_precision
 from yuyan.progress import Progress
 from yuyan.train import distributed as D
 from yuyan.train.config import HIGHER_IS_BETTER, PRECISIONS, TrainConfig, TrainSection, config_to_toml
-from yuyan.train.optim import build_optimizer, lr_at, set_lr
+from yuyan.train.optim import MuonAdamW, build_optimizer, describe_optimizer, lr_at, set_lr
 from yuyan.train.privacy import DPTrainer, describe, make_private
 
 Export = Callable[[nn.Module], tuple[nn.Module, dict, dict]]
@@ -343,13 +343,25 @@ def _prepare_model(
     model.train()
     save_copy = copy.deepcopy(model).cpu() if info.strategy == "fsdp" and info.is_main else None
     wrapped = D.wrap(model, info)
+    # a resumed Muon run keeps the format its Newton-Schulz iterations ran in, so resuming stays exact
+    ns_saved = (tstate or {}).get("newton_schulz")
     optimizer = build_optimizer(
-        model, tc.lr, tc.weight_decay, tuple(tc.betas), dev.type, optimizer=tc.optimizer, muon_lr=tc.muon_lr
+        model,
+        tc.lr,
+        tc.weight_decay,
+        tuple(tc.betas),
+        dev.type,
+        optimizer=tc.optimizer,
+        muon_lr=tc.muon_lr,
+        newton_schulz=ns_saved if ns_saved in ("fp32", "bf16") else "auto",
     )
     train_model = torch.compile(wrapped) if tc.compile else wrapped
     params = [p for p in model.parameters() if p.requires_grad]
     precision = resolve_precision(tc, dev, model, tstate)
-    console.print(f"precision: {precision.name} ({precision.reason}); optimizer: {tc.optimizer}")
+    opt = describe_optimizer(optimizer)
+    ns = opt.get("newton_schulz")
+    how = f" (Newton-Schulz in {ns['precision']}: {ns['reason']})" if ns else ""
+    console.print(f"precision: {precision.name} ({precision.reason}); optimizer: {opt['name']}{how}")
     dp = None
     if private.cfg.privacy.enabled():
         steps_done = int(tstate["step"]) if tstate is not None else 0
@@ -661,6 +673,11 @@ class _Checkpointer:
                 "best_step": state.best_step,
                 "stale_evals": state.stale_evals,
                 "precision": self.parts.precision.name,
+                **(
+                    {"newton_schulz": self.parts.optimizer.newton_schulz.name}
+                    if isinstance(self.parts.optimizer, MuonAdamW)
+                    else {}
+                ),
             }
             if self.export is not None:  # the training module differs from what the checkpoint holds
                 raw_sd = {k: v.detach().cpu() for k, v in self.parts.raw.state_dict().items()}
@@ -784,6 +801,7 @@ def _summary(
         "plot": str(files.plot_path) if files.plot_path.exists() else None,
         "interrupted": interrupted,
         "precision": parts.precision.to_dict(),
+        "optimizer": describe_optimizer(parts.optimizer),
     }
 
 
