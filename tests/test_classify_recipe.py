@@ -167,6 +167,72 @@ def test_bucketed_task_draws_every_training_example_and_bounds_the_periodic_val(
     assert task.evaluate(clf)["examples"] == 4 and task.evaluate(clf, full=True)["examples"] == 10
 
 
+# ---------------------------------------------------------------------------------------------- the LM loss
+
+
+def _aux_batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+    eot = [tokenizer.eot_id]
+    texts = ["a rather long review of the film and its plot", "short", "the film was fine", "dull"]
+    seqs = [tokenizer.encode(t) + eot for t in texts]
+    x, n = pad_batch(seqs, tokenizer.pad_id or 0)
+    assert len(set(n.tolist())) > 1  # rows of different lengths: there are pads
+    return x, n, torch.tensor([1, 0, 1, 0]), seqs
+
+
+def _lm_loss_by_hand(model: Transformer, seqs: list[list[int]]) -> torch.Tensor:
+    """The mean of -log p(s[t + 1] | s[: t + 1]) over every real next token, each row run alone (no pads
+    anywhere), from the full logits."""
+    terms = []
+    for s in seqs:
+        logp = F.log_softmax(model(torch.tensor([s]))[0].float(), -1)  # (len, V)
+        terms += [-logp[t, s[t + 1]] for t in range(len(s) - 1)]
+    return torch.stack(terms).mean()
+
+
+def test_lm_weight_zero_leaves_the_loss_bitwise_as_it_was(tokenizer):
+    x, n, y, _ = _aux_batch(tokenizer)
+    data = [("good film", "positive"), ("bad film", "negative")]
+    task = ClassifyTask(tokenizer, data, data, ["negative", "positive"], 64, lm_weight=0.0)
+    clf = Classifier(_model(tokenizer), task.labels, "mean").eval()
+    batch = {"input_ids": x, "lengths": n, "labels": y}
+    assert torch.equal(task.loss(clf, batch), F.cross_entropy(clf(x, n).float(), y))
+
+
+@pytest.mark.parametrize(("arch", "pooling"), [("gpt2", "last"), ("llama", "mean")])  # tied, untied lm_head
+def test_lm_weight_adds_the_next_token_loss_on_the_real_tokens(tokenizer, arch, pooling):
+    x, n, y, seqs = _aux_batch(tokenizer)
+    data = [("good film", "positive"), ("bad film", "negative")]
+    task = ClassifyTask(tokenizer, data, data, ["negative", "positive"], 64, lm_weight=0.5)
+    torch.manual_seed(0)
+    clf = Classifier(Transformer(tiny_config(arch, vocab_size=tokenizer.vocab_size)), task.labels, pooling)
+    clf.eval()  # no dropout: the two computations see the same network
+    want = F.cross_entropy(clf(x, n).float(), y) + 0.5 * _lm_loss_by_hand(clf.model, seqs)
+    want.backward()
+    want_grads = {k: p.grad.clone() for k, p in clf.named_parameters()}
+    clf.zero_grad(set_to_none=True)
+    got = task.loss(clf, {"input_ids": x, "lengths": n, "labels": y})
+    got.backward()  # through the fused loss (and, tied, its shared-weight gradient)
+    torch.testing.assert_close(got, want)
+    for k, p in clf.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[k], atol=1e-6, rtol=1e-4, msg=k)
+    # what the pads hold is neither input nor target
+    other = x.clone()
+    other[torch.arange(x.shape[1])[None, :] >= n[:, None]] = 7
+    with torch.no_grad():
+        torch.testing.assert_close(task.loss(clf, {"input_ids": other, "lengths": n, "labels": y}), got)
+        # a batch with no next token at all (lone EOTs) has an LM loss of 0, not the nan of an empty mean
+        logits, lm = clf.forward_with_lm(torch.full((2, 1), tokenizer.eot_id), torch.tensor([1, 1]))
+    assert float(lm) == 0.0 and logits.shape == (2, 2)
+
+
+def test_a_negative_lm_weight_is_refused():
+    from yuyan.train.config import FinetuneConfig
+
+    with pytest.raises(UserError, match=r"classify\.lm_weight must be >= 0"):
+        FinetuneConfig(classify=ClassifySection(lm_weight=-1.0)).validate()
+    FinetuneConfig(classify=ClassifySection(lm_weight=0.5)).validate()
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -281,6 +347,64 @@ def test_recipe_settings_are_kept_in_the_checkpoint(tmp_path, tokenizer):
     assert [r["examples"] for r in val_rows if r["split"] == "val"] == [5, 8]  # periodic sample, then all
 
 
+def test_finetune_with_lm_weight_saves_a_classifier_like_one_trained_without(tmp_path, tokenizer, capsys):
+    data = _csv(tmp_path / "train.csv", _reviews(80))
+    base = save_checkpoint(tmp_path / "base", _model(tokenizer), tokenizer)  # llama: an untied lm_head
+    runs = {}
+    for name, extra in (("plain", ()), ("aux", ("--lm-weight", "0.5")), ("aux-lora", ("--lm-weight", "0.5"))):
+        lora = ("--lora-rank", "4") if name == "aux-lora" else ()
+        code, _, err = cli_in_process(
+            capsys,
+            *("finetune", "--model", str(base), "--task", "classify", "--data", str(data)),
+            *(
+                "--max-steps",
+                "8",
+                "--out",
+                str(tmp_path / name),
+                "--train.device",
+                "cpu",
+                "--eval.every",
+                "4",
+            ),
+            *extra,
+            *lora,
+        )
+        assert code == 0, err
+        runs[name] = load_checkpoint(tmp_path / name / "final")
+    plain = runs["plain"]
+    for name in ("aux", "aux-lora"):
+        lm = runs[name]
+        assert lm.meta["finetune"]["classify"]["lm_weight"] == 0.5
+        assert "lm_weight = 0.5" in (tmp_path / name / "train_config.toml").read_text()
+        # training-only: the head's tensors and meta are those of a run without it
+        assert {k: tuple(v.shape) for k, v in lm.extra_tensors.items()} == {
+            k: tuple(v.shape) for k, v in plain.extra_tensors.items()
+        }
+        assert {k: lm.meta[k] for k in ("task", "labels", "pooling", "dropout")} == {
+            k: plain.meta[k] for k in ("task", "labels", "pooling", "dropout")
+        }
+        clf = Classifier.from_pretrained(tmp_path / name / "final")
+        ((label, probs),) = clf.predict(["great film"])
+        assert (
+            clf.labels == ["negative", "positive"] and label in probs and abs(sum(probs.values()) - 1) < 1e-5
+        )
+    assert plain.meta["finetune"]["classify"]["lm_weight"] == 0.0
+    # the LM loss trains the untied lm_head, which a run without it leaves as it was
+    head0 = load_checkpoint(base).model.lm_head.weight
+    assert torch.equal(plain.model.lm_head.weight, head0)
+    assert not torch.equal(runs["aux"].model.lm_head.weight, head0)
+
+
+def test_lm_weight_under_dp_is_refused_as_dp_classification_is(tmp_path, tokenizer):
+    data = _csv(tmp_path / "train.csv", _reviews(80))
+    base = save_checkpoint(tmp_path / "base", _model(tokenizer), tokenizer)
+    cfg = default_train_config("classify")
+    cfg.train.max_steps, cfg.train.device, cfg.train.precision, cfg.privacy.epsilon = 4, "cpu", "fp32", 8.0
+    cfg.classify.lm_weight = 0.5
+    with pytest.raises(UserError, match="not classify"):
+        finetune(base, tmp_path / "dp", FinetuneOptions(task="classify", data=str(data)), cfg, quiet=True)
+
+
 def test_classify_settings_are_refused_for_other_tasks(tmp_path, tokenizer):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n", encoding="utf-8")
@@ -347,6 +471,7 @@ def test_finetune_help_shows_the_recipe_defaults():
     assert CLASSIFY_HELP["class_weights"].endswith(f"(default: {d.class_weights})")
     assert CLASSIFY_HELP["bucket"].endswith(f"(default: {'bucket' if d.bucket else 'no-bucket'})")
     assert CLASSIFY_HELP["val_examples"].endswith(f"(default: {d.val_examples})")
+    assert CLASSIFY_HELP["lm_weight"].endswith(f"(default: {d.lm_weight})")
     cfg = default_train_config("classify")
     assert (cfg.eval.best_metric, cfg.eval.patience) == ("accuracy", 8)
 
@@ -355,7 +480,8 @@ def test_finetune_help_lists_the_recipe_flags(capsys):
     code, out, _ = cli_in_process(capsys, "finetune", "--help")
     assert code == 0
     out = " ".join(out.replace("│", " ").split())  # rich's box and line wrapping
-    for flag in ("--pooling", "--dropout", "--class-weights", "--bucket", "--val-examples", "--best-metric"):
+    flags = ("--pooling", "--dropout", "--class-weights", "--bucket", "--val-examples", "--lm-weight")
+    for flag in (*flags, "--best-metric", "classify.lm_weight=0.0"):
         assert flag in out, flag
     assert "--patience" in out and "--pretrain-minutes" in out and "(default: accuracy for classify" in out
     assert "(default: last)" in out and "(default: 512)" in out

@@ -71,6 +71,12 @@ TABLE = [
     ),
     ("finetune", "--model {model} --data {corpus} --out {new} --task lm --pooling mean", "classify only"),
     ("finetune", "--model {model} --data {corpus} --out {new} --task sft --no-bucket", "classify only"),
+    ("finetune", "--model {model} --data {corpus} --out {new} --task sft --lm-weight 0.5", "classify only"),
+    (
+        "finetune",
+        "--model {model} --data {corpus} --out {new} --task classify --lm-weight -1",
+        "classify.lm_weight",
+    ),
     (
         "finetune",
         "--model {model} --data {corpus} --out {new} --task lm --pretrain-minutes 1",

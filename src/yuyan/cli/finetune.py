@@ -4,9 +4,9 @@ A thin adapter over `yuyan.train.finetune.finetune`; training settings come from
 dataclass (an optional --config TOML plus `--section.key value` overrides, e.g. `--train.lr 1e-4`), with
 the most common ones (--max-steps, --max-time, --lr, --batch-size) and the DP ones (--dp-epsilon,
 --dp-delta, --dp-max-grad-norm: the [privacy] section) as direct options. The classification recipe's
-options (--pooling, --dropout, --class-weights, --bucket, --val-examples: the [classify] section;
---best-metric, --patience: [eval]) are direct options too, and --pretrain-minutes pre-trains a model and
-tokenizer on the classification data's own texts before fine-tuning (no --model then). --help lists
+options (--pooling, --dropout, --class-weights, --bucket, --val-examples, --lm-weight: the [classify]
+section; --best-metric, --patience: [eval]) are direct options too, and --pretrain-minutes pre-trains a
+model and tokenizer on the classification data's own texts before fine-tuning (no --model then). --help lists
 every setting with its fine-tuning default. A time budget given alone (--max-time, or train.max_time
 without train.max_steps) is the run's only limit: the default step count does not cap it; --train.clock cpu
 makes it (and --pretrain-minutes) CPU time, which load from other processes does not shrink.
@@ -60,6 +60,8 @@ CLASSIFY_HELP = {
     "bucket": "classify: batches of similar length, every example once per epoch (default: bucket)",
     "val_examples": "classify: periodic evaluations score a fixed sample of this many val examples; "
     "the final one all (0: all) (default: 512)",
+    "lm_weight": "classify: GPT-1's auxiliary objective, this weight times the next-token loss on the same "
+    "texts added to the training loss; 0: off, GPT-1 used 0.5 (default: 0.0)",
 }
 
 
@@ -146,6 +148,7 @@ def finetune_cmd(
     class_weights: str | None = typer.Option(None, "--class-weights", help=CLASSIFY_HELP["class_weights"]),
     bucket: bool | None = typer.Option(None, "--bucket/--no-bucket", help=CLASSIFY_HELP["bucket"]),
     val_examples: int | None = typer.Option(None, "--val-examples", help=CLASSIFY_HELP["val_examples"]),
+    lm_weight: float | None = typer.Option(None, "--lm-weight", help=CLASSIFY_HELP["lm_weight"]),
     best_metric: str | None = typer.Option(
         None,
         "--best-metric",
@@ -229,6 +232,7 @@ def finetune_cmd(
         "--class-weights": class_weights,
         "--bucket/--no-bucket": bucket,
         "--val-examples": val_examples,
+        "--lm-weight": lm_weight,
         "--pretrain-minutes": pretrain_minutes or None,
     }
     _check_recipe_flags(task, model, classify_flags, pretrain_minutes, best_metric)
@@ -249,6 +253,7 @@ def finetune_cmd(
         ("classify.class_weights", class_weights),
         ("classify.bucket", bucket),
         ("classify.val_examples", val_examples),
+        ("classify.lm_weight", lm_weight),
         ("eval.best_metric", best_metric),
         ("eval.patience", patience),
     ):

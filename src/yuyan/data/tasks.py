@@ -520,6 +520,9 @@ class ClassifyTask:
     `LengthBuckets` (each example once per epoch, batches of similar length) instead of uniformly at random.
     val_examples: periodic evaluations score a fixed, seeded sample of this many val examples (0: all); the
     final evaluation (`full=True`) scores the whole split. The val loss is the unweighted mean NLL.
+    lm_weight: > 0 adds GPT-1's auxiliary objective to the training loss (Radford et al. 2018, sec. 3.2):
+    lm_weight times the next-token loss on the same texts, from the same forward pass
+    (`Classifier.forward_with_lm`); the val metrics stay the classification ones.
     """
 
     metric_names = ("loss", "accuracy", "macro_f1")
@@ -537,6 +540,7 @@ class ClassifyTask:
         class_weights: list[float] | None = None,
         bucket: bool = False,
         val_examples: int = 0,
+        lm_weight: float = 0.0,
     ):
         if not train:
             raise UserError("no usable training examples" + (f" ({report.summary()})" if report else ""))
@@ -578,6 +582,7 @@ class ClassifyTask:
             raise UserError(f"{len(class_weights)} class weights for {len(labels)} labels {labels}")
         self.class_weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.buckets = LengthBuckets([len(ids) for ids, _ in self.train]) if bucket else None
+        self.lm_weight = lm_weight
         # the periodic sample: fixed (seeded), sorted by length so its batches pad little; the same for the
         # whole split at the end (the metrics do not depend on the order)
         g = torch.Generator().manual_seed(1234)
@@ -601,6 +606,7 @@ class ClassifyTask:
         class_weights: str = "none",
         bucket: bool = False,
         val_examples: int = 0,
+        lm_weight: float = 0.0,
     ) -> ClassifyTask:
         """label_names: `finetune --labels` (see name_labels); the task's labels are then those names, and
         `label_values` the data's values behind them. class_weights as `parse_class_weights` reads them
@@ -628,6 +634,7 @@ class ClassifyTask:
             class_weights=weights,
             bucket=bucket,
             val_examples=val_examples,
+            lm_weight=lm_weight,
         )
         by_name = {name: value for value, name in mapping.items()}
         task.label_values = [by_name.get(name, name) for name in labels]
@@ -646,9 +653,13 @@ class ClassifyTask:
         return self._collate([data[i] for i in idx])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(batch["input_ids"], batch["lengths"]).float()
+        x, n = batch["input_ids"], batch["lengths"]
+        # a forward call either way (not model.forward_with_lm): `model` may be a DDP/FSDP/compiled wrapper
+        logits, lm = model(x, n, with_lm=True) if self.lm_weight > 0 else (model(x, n), None)
+        logits = logits.float()
         w = self.class_weights.to(logits.device) if self.class_weights is not None else None
-        return F.cross_entropy(logits, batch["labels"], weight=w)
+        loss = F.cross_entropy(logits, batch["labels"], weight=w)
+        return loss if lm is None else loss + self.lm_weight * lm
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:

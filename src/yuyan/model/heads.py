@@ -8,7 +8,9 @@ A checkpoint stores the transformer as usual and the head as `extra_tensors` (`s
 `score.bias`) with meta {"task": "classify", "labels": [...], "pooling": ..., "dropout": p} (plus
 "label_values", the data's values behind the names, when `finetune --labels` named them), so any tool
 that ignores the head still opens the model. `Classifier.from_pretrained(spec)` and `predict(texts)` serve the saved
-model; `classification_metrics` gives accuracy, macro-F1 and the confusion matrix.
+model; `classification_metrics` gives accuracy, macro-F1 and the confusion matrix. For training,
+`forward_with_lm` (or `forward(..., with_lm=True)`) also returns GPT-1's auxiliary next-token loss on the
+same texts from the same pass (`classify.lm_weight`); it adds nothing to the head or the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yuyan.errors import UserError
+from yuyan.model.loss import IGNORE_INDEX, linear_cross_entropy, tied_lookup
 
 POOLINGS = ("last", "mean")
 
@@ -45,6 +48,15 @@ def encode_for_classify_rows(
             cut.append(i)
         out.append(ids if ids else eot or [0])
     return out, cut, longest
+
+
+def lm_targets(input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Next-token targets (B, T) for right-padded rows: input_ids[b, t + 1] where t + 1 < lengths[b],
+    IGNORE_INDEX elsewhere (a row's last real token and its pads)."""
+    B, T = input_ids.shape
+    nxt = torch.cat([input_ids[:, 1:], input_ids.new_full((B, 1), IGNORE_INDEX)], 1)
+    real = torch.arange(1, T + 1, device=input_ids.device)[None, :] < lengths[:, None]  # (B, T)
+    return torch.where(real, nxt, IGNORE_INDEX)
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +102,35 @@ class Classifier(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) right-padded, lengths (B,) -> logits (B, n_labels)."""
-        h = self.model.hidden(input_ids)  # (B, T, d_model)
+    def forward(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, with_lm: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids (B, T) right-padded, lengths (B,) -> logits (B, n_labels); with_lm: forward_with_lm's
+        (logits, lm_loss). The switch is here, not only in a method of its own, because training calls the
+        model through its wrappers (DDP, FSDP, torch.compile), and only a forward call goes through them."""
+        if with_lm:
+            return self.forward_with_lm(input_ids, lengths)
+        return self._head(self.model.hidden(input_ids), lengths)
+
+    def forward_with_lm(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, n_labels), the mean next-token cross-entropy over the real tokens) from one pass
+        through the transformer: GPT-1's auxiliary objective (`classify.lm_weight`). Position t counts where
+        t + 1 < length (it predicts a real token), so pads are neither inputs that count nor targets. The LM
+        loss is the model's fused one (model/loss.py: no (B, T, V) logits), 0 for a batch with no next token
+        at all (every text a lone EOT), where the mean over no tokens would be nan."""
+        m = self.model
+        # tied embeddings: the lookup's gradient joins the fused loss's, as in Transformer.forward
+        emb, tie = tied_lookup(input_ids, m.embed_tokens, m.lm_head) or (None, None)
+        h = m.hidden(input_ids, inputs_embeds=emb)  # (B, T, d_model)
+        targets = lm_targets(input_ids, lengths)  # (B, T)
+        lm = linear_cross_entropy(h, m.lm_head, targets, softcap=m.config.logit_softcap, tie=tie)
+        lm = torch.where((lengths > 1).any(), lm, torch.zeros_like(lm))  # no sync with the device
+        return self._head(h, lengths), lm
+
+    def _head(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, d_model) -> logits (B, n_labels), pooled as self.pooling says."""
         if self.pooling == "last":
             pooled = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, d_model)
         else:
@@ -221,6 +259,7 @@ __all__ = [
     "classification_metrics",
     "encode_for_classify",
     "encode_for_classify_rows",
+    "lm_targets",
     "pad_batch",
     "POOLINGS",
 ]

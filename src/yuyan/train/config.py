@@ -199,6 +199,9 @@ class ClassifySection:
     class_weights: str = "none"  # none | balanced (n / (k * n_label)) | LABEL=W,LABEL=W (others 1)
     bucket: bool = True  # batches of similar length (less padding); every example once per epoch
     val_examples: int = 512  # periodic evaluations score a fixed sample of this many val examples (0: all)
+    # GPT-1's auxiliary objective (Radford et al. 2018, sec. 3.2): loss = CE(labels) + lm_weight * the
+    # next-token loss on the same texts, from the same forward pass (0: off; GPT-1 used 0.5). Training only
+    lm_weight: float = 0.0
 
     def problems(self) -> list[tuple[bool, str]]:
         return [
@@ -208,6 +211,10 @@ class ClassifySection:
             ),
             (0.0 <= self.dropout < 1.0, "classify.dropout must be in [0, 1)"),
             (self.val_examples >= 0, "classify.val_examples must be >= 0 (0: the whole val split)"),
+            (
+                math.isfinite(self.lm_weight) and self.lm_weight >= 0,
+                f"classify.lm_weight must be >= 0 (0: off; GPT-1 used 0.5), got {self.lm_weight}",
+            ),
         ]
 
 

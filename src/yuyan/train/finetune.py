@@ -3,14 +3,15 @@
 One recipe for every fine-tuning family (options, not copied recipes): `task` is lm (next-token loss on a text
 corpus, through token shards like pre-training), sft (loss on assistant/completion tokens only) or classify
 (a linear head over the last/mean hidden state; the [classify] section of `FinetuneConfig`: pooling,
-dropout, class weights, length-bucketed batches, a bounded val sample; best/ by val accuracy); `lora`
-switches full fine-tuning to LoRA adapters. The model comes from any `yuyan.load` spec (our checkpoint or an
-imported Hugging Face folder), or, with `pretrain_minutes`, from pre-training the demo model (and a
-tokenizer) on the classification data's own training texts first (`pretrain_on_task_text`). Resume,
-periodic evaluation, best/final checkpoints and torchrun all come from `yuyan.train.loop.fit`; the
-checkpoints hold a plain model (LoRA merged in, the head as extra tensors) that every other command opens,
-and `save_adapter` also writes the adapter alone to OUT/adapter. `run_docstring_finetune` is the
-embedded demo: the stdlib docstring task, scored by ROUGE-L and BLEU before and after.
+dropout, class weights, length-bucketed batches, a bounded val sample, GPT-1's auxiliary LM loss; best/ by
+val accuracy); `lora` switches full fine-tuning to LoRA adapters. The model comes from any `yuyan.load`
+spec (our checkpoint or an imported Hugging Face folder), or, with `pretrain_minutes`, from pre-training the
+demo model (and a tokenizer) on the classification data's own training texts first
+(`pretrain_on_task_text`). Resume, periodic evaluation, best/final checkpoints and torchrun all come from
+`yuyan.train.loop.fit`; the checkpoints hold a plain model (LoRA merged in, the head as extra tensors)
+that every other command opens, and `save_adapter` also writes the adapter alone to OUT/adapter.
+`run_docstring_finetune` is the embedded demo: the stdlib docstring task, scored by ROUGE-L and BLEU
+before and after.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def build_task(lm, opts: FinetuneOptions, out: Path, cfg: TrainConfig):
             class_weights=cs.class_weights,
             bucket=cs.bucket,
             val_examples=cs.val_examples,
+            lm_weight=cs.lm_weight,
         )
     if opts.task == "lm":
         from yuyan.data.shards import TokenShards, prepare
@@ -282,8 +284,9 @@ def finetune(
         )
         if lm.meta.get("task") == "classify" and lm.meta.get("labels") == task.labels:
             net.load_head(lm.extra_tensors)  # continue training a saved head
-        if not lm.model.lm_head_weight_tied():
-            # unused by the head: keep it out of the optimizer (and out of DDP's unused-parameter check)
+        if not lm.model.lm_head_weight_tied() and cs.lm_weight == 0:
+            # unused by the head: keep it out of the optimizer (and out of DDP's unused-parameter check);
+            # with classify.lm_weight the auxiliary LM loss uses it, and GPT-1 fine-tunes every parameter
             lm.model.lm_head.weight.requires_grad_(False)
     if opts.lora is not None:
         lc = opts.lora
