@@ -4,6 +4,10 @@ cannot be built."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sysconfig
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +165,16 @@ def test_the_op_traces_under_torch_compile(op):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
     assert any("skinny_linear" in t for t in traced), traced
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or not kernels.SUPPORTED, reason="needs g++ on x86-64 Linux")
+@pytest.mark.parametrize("march", ["haswell", "skylake-avx512", "sapphirerapids"])
+def test_the_source_compiles_for_every_instruction_set(march):
+    """The build is -march=native, so this machine compiles one branch of the source's #if's; the others
+    (AVX2 without AVX-512, AVX-512 with and without BF16) are compiled here too, syntax only."""
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    cmd = ["g++", "-std=c++20", "-O3", f"-march={march}", "-fsyntax-only", *includes, str(kernels.SOURCE)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

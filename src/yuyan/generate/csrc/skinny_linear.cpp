@@ -27,9 +27,9 @@
 
 namespace {
 
-// The native vector: one AVX-512 register, or one AVX2 register where the CPU has no AVX-512. A 64-byte
-// GCC vector on an AVX2-only CPU is not split into two registers but goes through the stack: the kernel
-// streamed 4.8 GB/s on a Zen 3 EPYC that way, 20 GB/s with 32-byte vectors (torch's matmul: 16).
+// The native vector: one AVX-512 register, or one AVX2 register where the CPU has no AVX-512. With 64-byte
+// GCC vectors on an AVX2-only CPU, g++ 12 kept the accumulators on the stack (stored and reloaded every
+// step): the kernel streamed 4.8 GB/s on a Zen 3 EPYC that way, 20 GB/s with 32-byte vectors (torch: 16).
 #if defined(__AVX512F__)
 typedef float vec __attribute__((vector_size(64)));
 #else
@@ -49,50 +49,16 @@ inline vec load(const float* p) {  // unaligned load
 inline float hsum(const vec (&acc)[P]) {  // the sum of P vectors' lanes
   vec a = acc[0];
   for (int p = 1; p < P; ++p) a += acc[p];
-  v8 s;
-  if constexpr (L == 16) {
-    s = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-        __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-  } else {
-    s = a;
-  }
+#if defined(__AVX512F__)
+  const v8 s = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const v8 s = a;
+#endif
   v4 t = __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
   return (t[0] + t[2]) + (t[1] + t[3]);
 }
 
-// Outputs n0..n1-1 for MM rows of x: one weight row at a time, read once into registers per 16 floats and
-// used for MM fused multiply-adds (x's rows come from L1). One row at a time keeps a single sequential
-// stream per thread; interleaving 2-4 rows measured 2x slower for 2-4 rows of x (hardware prefetch).
-template <int MM>
-void rows(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N, int64_t n0,
-          int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* wn = w + n * K;
-    vec acc[MM][P] = {};
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      vec wv[P];
-      for (int p = 0; p < P; ++p) wv[p] = load(wn + k + p * L);
-#pragma GCC unroll 8
-      for (int m = 0; m < MM; ++m)
-        for (int p = 0; p < P; ++p) acc[m][p] += wv[p] * load(x + m * K + k + p * L);
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < MM; ++m) {
-      float s = hsum(acc[m]);
-      for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * wn[kk];  // K % 16 tail
-      y[m * N + n] = b ? s + b[n] : s;
-    }
-  }
-}
-
-template <int MM>
-void run(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N) {
-  // one contiguous range of weight rows per thread, read once front to back
-  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) { rows<MM>(x, w, b, y, K, N, lo, hi); });
-}
-
-// ---- bfloat16 weights and rows: half the bytes per weight, float32 accumulation
 typedef uint16_t hvec __attribute__((vector_size(sizeof(vec) / 2)));  // L bf16 values
 typedef uint32_t uvec __attribute__((vector_size(sizeof(vec))));
 
@@ -103,7 +69,7 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-inline vec load_bf16(const uint16_t* p) {  // L bf16 -> L float32: zero-extend, shift into the top half
+inline vec load(const uint16_t* p) {  // L bf16 -> L float32: zero-extend, shift into the top half
   hvec h;
   std::memcpy(&h, p, sizeof h);
   const uvec u = __builtin_convertvector(h, uvec) << 16;
@@ -112,6 +78,48 @@ inline vec load_bf16(const uint16_t* p) {  // L bf16 -> L float32: zero-extend, 
   return f;
 }
 
+// Sums of the products of MM rows of x with the weight row wn over k = 0..K rounded down to 16, in s; returns
+// that k. Each 16 weights are loaded once (float32, or bf16 widened by load) and used for MM multiply-adds.
+template <int MM, typename T>
+int64_t dots(const T* x, const T* wn, int64_t K, float (&s)[MM]) {
+  vec acc[MM][P] = {};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    vec wv[P];
+    for (int p = 0; p < P; ++p) wv[p] = load(wn + k + p * L);
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; ++m)
+      for (int p = 0; p < P; ++p) acc[m][p] += wv[p] * load(x + m * K + k + p * L);
+  }
+  for (int m = 0; m < MM; ++m) s[m] = hsum(acc[m]);
+  return k;
+}
+
+// Outputs n0..n1-1 for MM rows of x: one weight row at a time, each weight read once (x's rows come from
+// L1). One row at a time keeps a single sequential stream per thread; interleaving 2-4 rows measured 2x
+// slower for 2-4 rows of x (hardware prefetch).
+template <int MM>
+void rows(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N, int64_t n0,
+          int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wn = w + n * K;
+    float s[MM];
+    const int64_t k = dots<MM>(x, wn, K, s);
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; ++m) {
+      for (int64_t kk = k; kk < K; ++kk) s[m] += x[m * K + kk] * wn[kk];  // K % 16 tail
+      y[m * N + n] = b ? s[m] + b[n] : s[m];
+    }
+  }
+}
+
+template <int MM>
+void run(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N) {
+  // one contiguous range of weight rows per thread, read once front to back
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) { rows<MM>(x, w, b, y, K, N, lo, hi); });
+}
+
+// ---- bfloat16 weights and rows: half the bytes per weight, float32 accumulation.
 // The bf16 twin of rows<MM>: w and x hold bf16 bits, y gets bf16 (rounded to nearest even once).
 template <int MM>
 void rows_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* b, c10::BFloat16* y, int64_t K,
@@ -131,15 +139,7 @@ void rows_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* b, c10::BFl
     }
     for (int m = 0; m < MM; ++m) s[m] = _mm512_reduce_add_ps(acc[m]);
 #else
-    vec acc[MM][P] = {};
-    for (; k + 16 <= K; k += 16) {
-      vec wv[P];
-      for (int p = 0; p < P; ++p) wv[p] = load_bf16(wn + k + p * L);
-#pragma GCC unroll 8
-      for (int m = 0; m < MM; ++m)
-        for (int p = 0; p < P; ++p) acc[m][p] += wv[p] * load_bf16(x + m * K + k + p * L);
-    }
-    for (int m = 0; m < MM; ++m) s[m] = hsum(acc[m]);
+    k = dots<MM>(x, wn, K, s);
 #endif
 #pragma GCC unroll 8
     for (int m = 0; m < MM; ++m) {
